@@ -1,0 +1,69 @@
+// Fused Adam/AdamW/AMSGrad step: one pass reading param, grad and the moments and writing them back.
+// The arithmetic follows torch.optim.Adam (single-tensor path) operation for operation; the loop is plain
+// scalar code that the compiler vectorizes for the unit's ISA (sqrt and division included).
+#include <cmath>
+
+#include "cpu/ops.h"
+#include "cpu/parallel.h"
+#include "cpu/simd.h"
+
+namespace fastnn::cpu::FASTNN_ISA {
+
+constexpr int64_t kAdamGrain = 1 << 15;
+
+// kDecay: 0 = no weight decay, 1 = L2 (added to the gradient), 2 = decoupled (AdamW).
+template <typename T, bool kAmsgrad, int kDecay>
+static void adam_range(const AdamArgs<T>& a, int64_t b, int64_t e) {
+  T* FASTNN_RESTRICT p = a.param;
+  const T* FASTNN_RESTRICT g = a.grad;
+  T* FASTNN_RESTRICT m = a.exp_avg;
+  T* FASTNN_RESTRICT v = a.exp_avg_sq;
+  T* FASTNN_RESTRICT vmax = a.max_exp_avg_sq;
+  const T sign = a.maximize ? T(-1) : T(1);
+  const T wd = T(a.weight_decay);
+  const T decay = T(1 - a.lr * a.weight_decay);
+  // torch's lerp(self, end, w) = self + w * (end - self) for w < 0.5, else end - (end - self) * (1 - w).
+  const T w1 = T(1 - a.beta1);
+  const bool lerp_low = (1 - a.beta1) < 0.5;
+  const T w1c = T(1) - w1;
+  const T beta2 = T(a.beta2), one_minus_beta2 = T(1 - a.beta2);
+  const T bc2 = T(a.bias_correction2_sqrt), eps = T(a.eps), neg_step = T(-a.step_size);
+#pragma GCC ivdep
+  for (int64_t i = b; i < e; ++i) {
+    T gi = sign * g[i];
+    T pi = p[i];
+    if (kDecay == 2) pi = pi * decay;
+    if (kDecay == 1) gi = gi + wd * pi;
+    T mi = m[i];
+    T diff = gi - mi;
+    mi = lerp_low ? mi + w1 * diff : gi - diff * w1c;
+    T vi = v[i] * beta2 + one_minus_beta2 * gi * gi;
+    T vd = vi;
+    if (kAmsgrad) {
+      T vm = vmax[i];
+      vm = vm < vi ? vi : vm;
+      vmax[i] = vm;
+      vd = vm;
+    }
+    T denom = std::sqrt(vd) / bc2 + eps;
+    p[i] = pi + neg_step * (mi / denom);
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+template <typename T> void adam(const AdamArgs<T>& a) {
+  parallel_for(a.n, kAdamGrain, [&](int64_t b, int64_t e) {
+    // torch skips the decay entirely when weight_decay == 0 (0 * inf would otherwise give NaN).
+    const int decay = a.weight_decay == 0 ? 0 : (a.decoupled ? 2 : 1);
+    const bool ams = a.max_exp_avg_sq != nullptr;
+    if (decay == 0) ams ? adam_range<T, true, 0>(a, b, e) : adam_range<T, false, 0>(a, b, e);
+    if (decay == 1) ams ? adam_range<T, true, 1>(a, b, e) : adam_range<T, false, 1>(a, b, e);
+    if (decay == 2) ams ? adam_range<T, true, 2>(a, b, e) : adam_range<T, false, 2>(a, b, e);
+  });
+}
+
+template void adam<float>(const AdamArgs<float>&);
+template void adam<double>(const AdamArgs<double>&);
+
+}  // namespace fastnn::cpu::FASTNN_ISA

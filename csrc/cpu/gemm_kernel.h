@@ -1,0 +1,128 @@
+// The GEMM building blocks shared by matmul and attention: block sizes, packing of A and B panels and the
+// register-tiled micro-kernel. ISA-specific only through simd.h's vector width and kMR; included by the
+// per-ISA units, so each gets its own copy.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <new>
+
+#include "cpu/simd.h"
+
+namespace fastnn::cpu::FASTNN_ISA {
+
+// Register tile: MR rows x NRV vectors. 2 * MR accumulators + NRV B vectors + 1 broadcast must fit the
+// register file: 32 zmm (AVX-512: 8 x 2 = 16 acc), 16 ymm (AVX2: 6 x 2 = 12 acc), 16 xmm (generic: 4 x 2).
+#if defined(FASTNN_ISA_avx512)
+constexpr int kMR = 8;
+#elif defined(FASTNN_ISA_avx2)
+constexpr int kMR = 6;
+#else
+constexpr int kMR = 4;
+#endif
+constexpr int kNRV = 2;
+// Cache blocking: a KC x NR panel of B (32 KiB for float/AVX-512) stays in L1 while an MC x KC block of A
+// (MC = 24 * MR rows: about 200 KiB) stays in L2; a KC x NC block of B lives in L3.
+constexpr int64_t kKC = 256;
+constexpr int64_t kMC = 24 * kMR;
+constexpr int64_t kNC = 2048;
+
+template <typename T> constexpr int64_t kNR = kNRV * kLanes<T>;
+
+struct AlignedBuffer {
+  void* p = nullptr;
+  explicit AlignedBuffer(size_t bytes) : p(bytes ? ::operator new(bytes, std::align_val_t(64)) : nullptr) {}
+  ~AlignedBuffer() {
+    if (p) ::operator delete(p, std::align_val_t(64));
+  }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Ap: panels of kMR rows; element (r, k) of a panel at [k * kMR + r]. Rows past M are zero.
+template <typename T>
+inline void pack_a_panel(const T* A, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, T* dst) {
+  if (rows == kMR && a_rs == 1) {  // columns of A contiguous: copy kMR at a time
+    for (int64_t k = 0; k < kc; ++k)
+      for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = A[k * a_cs + r];
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = A + r * a_rs;
+    for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = src[k * a_cs];
+  }
+  for (int64_t r = rows; r < kMR; ++r)
+    for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = T(0);
+}
+
+// Bp: panels of NR columns; element (k, c) of a panel at [k * NR + c]. Columns past N are zero.
+template <typename T>
+inline void pack_b_panel(const T* B, int64_t b_rs, int64_t b_cs, int64_t kc, int64_t cols, T* dst) {
+  constexpr int64_t NR = kNR<T>;
+  if (cols == NR && b_cs == 1) {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int v = 0; v < kNRV; ++v)
+        vstore(dst + k * NR + v * kLanes<T>, vload(B + k * b_rs + v * kLanes<T>));
+    return;
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* src = B + k * b_rs;
+    T* d = dst + k * NR;
+    for (int64_t c = 0; c < cols; ++c) d[c] = src[c * b_cs];
+    for (int64_t c = cols; c < NR; ++c) d[c] = T(0);
+  }
+}
+
+// C[0:mr, 0:nr] (=|+=) Ap_panel * Bp_panel over kc; then, on the last K block, + bias and relu.
+template <typename T>
+inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, const T* FASTNN_RESTRICT b, T* c, int64_t ldc,
+                  int64_t mr, int64_t nr, bool accumulate, const T* bias, bool relu) {
+  constexpr int64_t W = kLanes<T>, NR = kNR<T>;
+  Vec<T> acc[kMR][kNRV];
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNRV; ++v) acc[i][v] = Vec<T>{};
+  for (int64_t k = 0; k < kc; ++k) {
+    Vec<T> bv[kNRV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNRV; ++v) bv[v] = vload(b + k * NR + v * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < kMR; ++i) {
+      const Vec<T> av = vset<T>(a[k * kMR + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNRV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+  if (mr == kMR && nr == NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < kMR; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kNRV; ++v) {
+        T* p = c + i * ldc + v * W;
+        Vec<T> r = acc[i][v];
+        if (accumulate) r += vload(p);
+        if (bias) r += vload(bias + v * W);
+        if (relu) r = vrelu(r);
+        vstore(p, r);
+      }
+    }
+    return;
+  }
+  alignas(64) T tile[kMR * NR];
+  for (int i = 0; i < kMR; ++i)
+    for (int v = 0; v < kNRV; ++v) vstore(tile + i * NR + v * W, acc[i][v]);
+  for (int64_t i = 0; i < mr; ++i) {
+    for (int64_t j = 0; j < nr; ++j) {
+      T r = tile[i * NR + j];
+      if (accumulate) r += c[i * ldc + j];
+      if (bias) r += bias[j];
+      if (relu) r = r < T(0) ? T(0) : r;
+      c[i * ldc + j] = r;
+    }
+  }
+}
+
+
+}  // namespace fastnn::cpu::FASTNN_ISA

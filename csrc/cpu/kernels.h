@@ -1,0 +1,95 @@
+// The CPU kernel interface: argument structs and the per-ISA table of kernel entry points.
+// Kernels assume validated arguments (the bindings check everything) and contain no checks.
+#pragma once
+#include <cstdint>
+
+namespace fastnn::cpu {
+
+// C[b] = A[b] @ B[b] (+ bias, then relu) for b in [0, batch).
+// A is M x K with element strides (a_rs, a_cs), B is K x N with (b_rs, b_cs): any sign, any layout.
+// C rows are contiguous with row stride ldc; batch b uses A + a_off[b], B + b_off[b], C + b * c_bs.
+template <typename T> struct GemmArgs {
+  int64_t M = 0, N = 0, K = 0;
+  const T* A = nullptr; int64_t a_rs = 0, a_cs = 0;
+  const T* B = nullptr; int64_t b_rs = 0, b_cs = 0;
+  T* C = nullptr; int64_t ldc = 0;
+  int64_t batch = 1;
+  const int64_t* a_off = nullptr;  // null: all zero
+  const int64_t* b_off = nullptr;
+  int64_t c_bs = 0;
+  const T* bias = nullptr;         // length N, or null
+  bool relu = false;
+};
+
+// Scaled dot-product attention over `batch` independent heads.
+// Q: L x E rows (row stride q_rs, contiguous within a row), K: S x E (k_rs), V: S x Ev (v_rs),
+// O: L x Ev contiguous per head (o_bs apart). Per head b: Q + q_off[b], K + k_off[b], V + v_off[b].
+// Mask (optional): element (i, j) at mask + m_off[b] + i * m_rs + j * m_cs (strides may be 0: broadcast);
+// a float mask is added to the scores, a bool mask (uint8: nonzero = may attend) selects them.
+// causal: key j is allowed for query i iff j <= i. A query row with no allowed key gets zeros.
+// lse (optional): per (head, query) log-sum-exp of the scaled, masked scores (-inf for an empty row).
+template <typename T> struct SdpaArgs {
+  int64_t batch = 0, L = 0, S = 0, E = 0, Ev = 0;
+  const T* Q = nullptr; const int64_t* q_off = nullptr; int64_t q_rs = 0;
+  const T* K = nullptr; const int64_t* k_off = nullptr; int64_t k_rs = 0;
+  const T* V = nullptr; const int64_t* v_off = nullptr; int64_t v_rs = 0;
+  T* O = nullptr; int64_t o_bs = 0;
+  const T* fmask = nullptr;
+  const uint8_t* bmask = nullptr;
+  const int64_t* m_off = nullptr; int64_t m_rs = 0, m_cs = 0;
+  bool causal = false;
+  T scale = 1;
+  T* lse = nullptr;  // batch x L, or null
+};
+
+// One fused torch.optim.Adam step over n contiguous elements, in place.
+template <typename T> struct AdamArgs {
+  int64_t n = 0;
+  T* param = nullptr; const T* grad = nullptr; T* exp_avg = nullptr; T* exp_avg_sq = nullptr;
+  T* max_exp_avg_sq = nullptr;  // AMSGrad when non-null
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  double step_size = 0;                // lr / (1 - beta1^step)
+  double bias_correction2_sqrt = 1;    // sqrt(1 - beta2^step)
+  bool decoupled = false, maximize = false;
+};
+
+template <typename T> struct OpTable {
+  void (*relu)(const T* x, T* y, int64_t n);
+  void (*relu_backward)(const T* g, const T* x, T* out, int64_t n);
+  // Row-wise over `rows` contiguous rows of length `cols`.
+  void (*softmax)(const T* x, T* y, int64_t rows, int64_t cols, bool log);
+  // grad_in = y * (g - sum(g * y)) (softmax) or g - exp(y) * sum(g) (log_softmax, y = log-probs).
+  void (*softmax_backward)(const T* g, const T* y, T* out, int64_t rows, int64_t cols, bool log);
+  // Returns the summed loss; writes grad = (softmax - onehot) * grad_scale. labels are validated.
+  double (*cross_entropy)(const T* logits, const int64_t* labels, T* grad, int64_t rows, int64_t cols,
+                          T grad_scale);
+  void (*gemm)(const GemmArgs<T>& args);
+  void (*gemm_naive)(const GemmArgs<T>& args);  // the plain triple loop, for tests
+  void (*sdpa)(const SdpaArgs<T>& args);
+  void (*adam)(const AdamArgs<T>& args);
+};
+
+struct KernelTable {
+  const char* isa;
+  OpTable<float> f32;
+  OpTable<double> f64;
+};
+
+// Defined once per compiled ISA unit (registry.cpp).
+namespace generic { const KernelTable& kernel_table(); }
+namespace avx2 { const KernelTable& kernel_table(); }
+namespace avx512 { const KernelTable& kernel_table(); }
+
+// dispatch.cpp: the table in use, chosen at import (FASTNN_CPU_ISA may force a lower path).
+const KernelTable& kernels();
+// Selects an ISA by name; returns false (and changes nothing) when it is not compiled or not supported.
+bool set_isa(const char* name);
+const char* isa_in_use();
+// Comma-separated ISA paths compiled in and supported by this CPU, best last.
+const char* isa_supported();
+
+// threads.cpp
+int num_threads();
+void set_num_threads(int n);
+
+}  // namespace fastnn::cpu

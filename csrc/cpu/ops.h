@@ -1,0 +1,21 @@
+// Declarations of the kernel templates of one ISA unit (explicitly instantiated for float and double
+// in each op's source file).
+#pragma once
+#include "cpu/kernels.h"
+
+namespace fastnn::cpu::FASTNN_ISA {
+
+template <typename T> void relu(const T* x, T* y, int64_t n);
+template <typename T> void relu_backward(const T* g, const T* x, T* out, int64_t n);
+template <typename T> void softmax(const T* x, T* y, int64_t rows, int64_t cols, bool log);
+template <typename T> void softmax_backward(const T* g, const T* y, T* out, int64_t rows, int64_t cols, bool log);
+template <typename T>
+double cross_entropy(const T* logits, const int64_t* labels, T* grad, int64_t rows, int64_t cols, T grad_scale);
+template <typename T> void gemm(const GemmArgs<T>& args);
+template <typename T> void sdpa(const SdpaArgs<T>& args);
+template <typename T> void adam(const AdamArgs<T>& args);
+
+// The plainest correct GEMM (triple loop), kept beside the packed one: tests compare both.
+template <typename T> void gemm_naive(const GemmArgs<T>& args);
+
+}  // namespace fastnn::cpu::FASTNN_ISA

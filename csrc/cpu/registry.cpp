@@ -1,0 +1,29 @@
+// Fills this ISA unit's kernel table (compiled once per ISA, like every kernel source).
+#include "cpu/kernels.h"
+#include "cpu/ops.h"
+
+namespace fastnn::cpu::FASTNN_ISA {
+
+template <typename T> static OpTable<T> make_table() {
+  OpTable<T> t;
+  t.relu = relu<T>;
+  t.relu_backward = relu_backward<T>;
+  t.softmax = softmax<T>;
+  t.softmax_backward = softmax_backward<T>;
+  t.cross_entropy = cross_entropy<T>;
+  t.gemm = gemm<T>;
+  t.gemm_naive = gemm_naive<T>;
+  t.sdpa = sdpa<T>;
+  t.adam = adam<T>;
+  return t;
+}
+
+#define FASTNN_STR2(x) #x
+#define FASTNN_STR(x) FASTNN_STR2(x)
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{FASTNN_STR(FASTNN_ISA), make_table<float>(), make_table<double>()};
+  return table;
+}
+
+}  // namespace fastnn::cpu::FASTNN_ISA

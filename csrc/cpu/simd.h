@@ -1,0 +1,151 @@
+// Vector primitives for the per-ISA kernel units. Built on GCC/Clang vector extensions: the width follows
+// the ISA the unit is compiled for (FASTNN_ISA_*), so every op is written once and compiled three times.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(FASTNN_ISA_avx512)
+#define FASTNN_VEC_BYTES 64
+#elif defined(FASTNN_ISA_avx2)
+#define FASTNN_VEC_BYTES 32
+#else
+#define FASTNN_VEC_BYTES 16
+#endif
+
+#define FASTNN_RESTRICT __restrict__
+#define FASTNN_INLINE inline __attribute__((always_inline))
+
+namespace fastnn::cpu::FASTNN_ISA {
+
+template <typename T> struct VecTraits;
+template <> struct VecTraits<float> {
+  typedef float V __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(4)));
+};
+template <> struct VecTraits<double> {
+  typedef double V __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(8)));
+  typedef int64_t I __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(8)));
+};
+
+template <typename T> using Vec = typename VecTraits<T>::V;
+template <typename T> using IVec = typename VecTraits<T>::I;
+template <typename T> constexpr int64_t kLanes = FASTNN_VEC_BYTES / sizeof(T);
+
+template <typename T> FASTNN_INLINE Vec<T> vset(T x) { return Vec<T>{} + x; }
+template <typename T> FASTNN_INLINE Vec<T> vload(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T> FASTNN_INLINE void vstore(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
+// Partial load of n < lanes elements; the rest of the vector is `fill`.
+template <typename T> FASTNN_INLINE Vec<T> vload_part(const T* p, int64_t n, T fill) {
+  Vec<T> v = vset<T>(fill);
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+template <typename T> FASTNN_INLINE void vstore_part(T* p, Vec<T> v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+}
+// The helpers below take the vector type itself (V = Vec<float> or Vec<double>): Vec<T> is not deducible.
+// max/min that keep a NaN in `a` (a < b is false for NaN).
+template <typename V> FASTNN_INLINE V vmax(V a, V b) { return a < b ? b : a; }
+template <typename V> FASTNN_INLINE V vmin(V a, V b) { return a > b ? b : a; }
+// relu that propagates NaN (NaN < 0 is false), as np.maximum(x, 0) does.
+template <typename V> FASTNN_INLINE V vrelu(V a) { return a < V{} ? V{} : a; }
+
+template <typename V> using Elem = std::remove_cv_t<std::remove_reference_t<decltype(V{}[0])>>;
+template <typename V> FASTNN_INLINE Elem<V> hsum(V v) {
+  Elem<V> s = 0;
+  for (size_t i = 0; i < sizeof(V) / sizeof(Elem<V>); ++i) s += v[i];
+  return s;
+}
+template <typename V> FASTNN_INLINE Elem<V> hmax(V v) {
+  Elem<V> m = v[0];
+  for (size_t i = 1; i < sizeof(V) / sizeof(Elem<V>); ++i) m = (m < v[i]) ? v[i] : m;
+  return m;
+}
+
+template <typename T> FASTNN_INLINE T smax(T a, T b) { return a < b ? b : a; }
+
+// exp(x) to about 1 ulp: Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, a Taylor polynomial in r
+// (degree 7 for float, 13 for double: the truncation error is below half an ulp), then scale by 2^n
+// built in the exponent bits. exp(-inf) = 0, exp(+inf) = inf, exp(NaN) = NaN; results that would be
+// subnormal are flushed to 0 (softmax and Adam never need them).
+FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
+  using V = Vec<float>;
+  using I = IVec<float>;
+  const V hi = vset<float>(88.7228391f), lo = vset<float>(-87.3365447f);
+  V xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  const V magic = vset<float>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  V t = xc * 1.44269504088896341f + magic;
+  V n = t - magic;
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = vset<float>(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  I tb, mb;  // n as an integer: the low bits of t minus those of the magic number
+  std::memcpy(&tb, &t, sizeof(V));
+  std::memcpy(&mb, &magic, sizeof(V));
+  I ni = tb - mb;
+  // 2^n for n in [-126, 128): split to stay in range at n = 128.
+  I e1 = ((ni >> 1) + 127) << 23;
+  I e2 = ((ni - (ni >> 1)) + 127) << 23;
+  V s1, s2;
+  std::memcpy(&s1, &e1, sizeof(V));
+  std::memcpy(&s2, &e2, sizeof(V));
+  V y = p * s1 * s2;
+  y = x > hi ? vset<float>(__builtin_inff()) : y;
+  y = x < lo ? V{} : y;
+  return y;
+}
+
+FASTNN_INLINE Vec<double> vexp(Vec<double> x) {
+  using V = Vec<double>;
+  using I = IVec<double>;
+  const V hi = vset<double>(709.782712893384), lo = vset<double>(-708.3964185322641);
+  V xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  const V magic = vset<double>(6755399441055744.0);  // 1.5 * 2^52
+  V t = xc * 1.4426950408889634074 + magic;
+  V n = t - magic;
+  V r = xc - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  V p = vset<double>(1.0 / 6227020800.0);
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  I tb, mb;
+  std::memcpy(&tb, &t, sizeof(V));
+  std::memcpy(&mb, &magic, sizeof(V));
+  I ni = tb - mb;
+  I e1 = ((ni >> 1) + 1023) << 52;
+  I e2 = ((ni - (ni >> 1)) + 1023) << 52;
+  V s1, s2;
+  std::memcpy(&s1, &e1, sizeof(V));
+  std::memcpy(&s2, &e2, sizeof(V));
+  V y = p * s1 * s2;
+  y = x > hi ? vset<double>(__builtin_inf()) : y;
+  y = x < lo ? V{} : y;
+  return y;
+}
+
+}  // namespace fastnn::cpu::FASTNN_ISA

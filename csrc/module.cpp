@@ -1,0 +1,286 @@
+// pybind11 bindings of the CPU kernels (fastnn._C). The Python layer (fastnn/_ops.py) validates user
+// arguments and prepares layouts; these entry points re-check what memory safety depends on (dtypes,
+// contiguity, sizes, strides within bounds), release the GIL and call the kernel table in use.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "build_config.h"
+#include "cpu/kernels.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using namespace fastnn::cpu;
+
+namespace {
+
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+
+enum class DType { f32, f64 };
+
+DType dtype_of(const py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<float>())) return DType::f32;
+  if (a.dtype().is(py::dtype::of<double>())) return DType::f64;
+  throw py::type_error(std::string(name) + ": expected float32 or float64, got " +
+                       std::string(py::str(a.dtype())));
+}
+
+template <typename T> bool is_dtype(const py::array& a) { return a.dtype().is(py::dtype::of<T>()); }
+
+// A C-contiguous array of T with `n` elements (writable when `write`).
+template <typename T> T* contig(const py::array& a, const char* name, int64_t n, bool write = false) {
+  if (!is_dtype<T>(a)) throw py::type_error(std::string(name) + ": dtype does not match the other operands");
+  if (!(a.flags() & py::array::c_style)) value_error(std::string(name) + ": must be C-contiguous");
+  if (a.size() != n) value_error(std::string(name) + ": expected " + std::to_string(n) + " elements, got " +
+                                 std::to_string(a.size()));
+  if (write && !a.writeable()) value_error(std::string(name) + ": must be writable");
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+const int64_t* offsets(const py::array_t<int64_t, py::array::c_style>& o, int64_t n, const char* name) {
+  if (o.size() != n) value_error(std::string(name) + ": expected " + std::to_string(n) + " batch offsets");
+  return o.data();
+}
+
+// [lo, hi] byte range touched by an array view; used to check stride arguments against the real buffer.
+void check_span(const py::array& a, const char* name, int64_t off_min, int64_t off_max, int64_t itemsize) {
+  // Every element the kernel may touch must lie inside the array's own extent.
+  int64_t lo = 0, hi = 0;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (a.shape(d) == 0) return;  // empty: nothing touched (callers skip empty work)
+    const int64_t ext = (a.shape(d) - 1) * a.strides(d);
+    (ext < 0 ? lo : hi) += ext;
+  }
+  if (off_min * itemsize < lo || off_max * itemsize > hi)
+    value_error(std::string(name) + ": strides/offsets reach outside the array");
+}
+
+template <typename T> const OpTable<T>& ops();
+template <> const OpTable<float>& ops<float>() { return kernels().f32; }
+template <> const OpTable<double>& ops<double>() { return kernels().f64; }
+
+template <typename F> auto by_dtype(const py::array& a, const char* name, F&& f) {
+  if (dtype_of(a, name) == DType::f32) return f(float{});
+  return f(double{});
+}
+
+// ---- ops ---------------------------------------------------------------------------------------
+
+void relu(const py::array& x, const py::array& out) {
+  by_dtype(x, "x", [&](auto t) {
+    using T = decltype(t);
+    const int64_t n = x.size();
+    const T* xp = contig<T>(x, "x", n);
+    T* yp = contig<T>(out, "out", n, true);
+    py::gil_scoped_release nogil;
+    ops<T>().relu(xp, yp, n);
+  });
+}
+
+void relu_backward(const py::array& g, const py::array& x, const py::array& out) {
+  by_dtype(x, "x", [&](auto t) {
+    using T = decltype(t);
+    const int64_t n = x.size();
+    const T* gp = contig<T>(g, "grad_output", n);
+    const T* xp = contig<T>(x, "x", n);
+    T* op = contig<T>(out, "out", n, true);
+    py::gil_scoped_release nogil;
+    ops<T>().relu_backward(gp, xp, op, n);
+  });
+}
+
+void softmax(const py::array& x, const py::array& out, int64_t cols, bool log) {
+  by_dtype(x, "x", [&](auto t) {
+    using T = decltype(t);
+    const int64_t n = x.size();
+    if (cols <= 0 || n % cols) value_error("softmax: bad row length");
+    const T* xp = contig<T>(x, "x", n);
+    T* yp = contig<T>(out, "out", n, true);
+    py::gil_scoped_release nogil;
+    ops<T>().softmax(xp, yp, n / cols, cols, log);
+  });
+}
+
+void softmax_backward(const py::array& g, const py::array& y, const py::array& out, int64_t cols, bool log) {
+  by_dtype(y, "output", [&](auto t) {
+    using T = decltype(t);
+    const int64_t n = y.size();
+    if (cols <= 0 || n % cols) value_error("softmax_backward: bad row length");
+    const T* gp = contig<T>(g, "grad_output", n);
+    const T* yp = contig<T>(y, "output", n);
+    T* op = contig<T>(out, "out", n, true);
+    py::gil_scoped_release nogil;
+    ops<T>().softmax_backward(gp, yp, op, n / cols, cols, log);
+  });
+}
+
+double cross_entropy(const py::array& logits, const py::array_t<int64_t, py::array::c_style>& labels,
+                     const py::array& grad, int64_t cols, double grad_scale) {
+  return by_dtype(logits, "logits", [&](auto t) -> double {
+    using T = decltype(t);
+    const int64_t n = logits.size();
+    if (cols <= 0 || n % cols) value_error("cross_entropy: bad row length");
+    const int64_t rows = n / cols;
+    const T* lp = contig<T>(logits, "logits", n);
+    T* gp = contig<T>(grad, "grad", n, true);
+    if (labels.size() != rows) value_error("labels: expected one label per row");
+    const int64_t* lab = labels.data();
+    for (int64_t i = 0; i < rows; ++i)
+      if (lab[i] < 0 || lab[i] >= cols) value_error("labels: value out of range");
+    py::gil_scoped_release nogil;
+    return ops<T>().cross_entropy(lp, lab, gp, rows, cols, T(grad_scale));
+  });
+}
+
+using Offsets = py::array_t<int64_t, py::array::c_style>;
+
+// Batched C[b] = A[b] @ B[b]: a, b are the original arrays; their element strides and per-batch element
+// offsets come from the caller and are checked against the arrays' extents here.
+void gemm(const py::array& a, const py::array& b, const py::array& out, const Offsets& a_off, const Offsets& b_off,
+          int64_t M, int64_t N, int64_t K, int64_t a_rs, int64_t a_cs, int64_t b_rs, int64_t b_cs,
+          const py::object& bias, bool relu, bool naive) {
+  by_dtype(a, "a", [&](auto t) {
+    using T = decltype(t);
+    if (!is_dtype<T>(b)) throw py::type_error("b: dtype does not match a");
+    const int64_t batch = a_off.size();
+    if (M < 0 || N < 0 || K < 0) value_error("gemm: negative size");
+    GemmArgs<T> g;
+    g.M = M, g.N = N, g.K = K, g.batch = batch;
+    g.A = static_cast<const T*>(a.data()), g.a_rs = a_rs, g.a_cs = a_cs;
+    g.B = static_cast<const T*>(b.data()), g.b_rs = b_rs, g.b_cs = b_cs;
+    g.a_off = offsets(a_off, batch, "a_off");
+    g.b_off = offsets(b_off, batch, "b_off");
+    g.C = contig<T>(out, "out", batch * M * N, true);
+    g.ldc = N, g.c_bs = M * N;
+    if (batch > 0 && M > 0 && N > 0 && K > 0) {
+      auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t cs, int64_t r, int64_t c,
+                      const char* name) {
+        int64_t omin = INT64_MAX, omax = INT64_MIN;
+        for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
+        const int64_t e1 = (r - 1) * rs, e2 = (c - 1) * cs;
+        check_span(arr, name, omin + std::min<int64_t>(e1, 0) + std::min<int64_t>(e2, 0),
+                   omax + std::max<int64_t>(e1, 0) + std::max<int64_t>(e2, 0), sizeof(T));
+      };
+      span(a, g.a_off, a_rs, a_cs, M, K, "a");
+      span(b, g.b_off, b_rs, b_cs, K, N, "b");
+    }
+    if (!bias.is_none()) g.bias = contig<T>(bias.cast<py::array>(), "bias", N);
+    g.relu = relu;
+    py::gil_scoped_release nogil;
+    (naive ? ops<T>().gemm_naive : ops<T>().gemm)(g);
+  });
+}
+
+void sdpa(const py::array& q, const py::array& k, const py::array& v, const py::array& out, const Offsets& q_off,
+          const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t q_rs,
+          int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off, int64_t m_rs, int64_t m_cs,
+          bool causal, double scale, const py::object& lse) {
+  by_dtype(q, "query", [&](auto t) {
+    using T = decltype(t);
+    if (!is_dtype<T>(k)) throw py::type_error("key: dtype does not match query");
+    if (!is_dtype<T>(v)) throw py::type_error("value: dtype does not match query");
+    const int64_t batch = q_off.size();
+    SdpaArgs<T> a;
+    a.batch = batch, a.L = L, a.S = S, a.E = E, a.Ev = Ev;
+    a.Q = static_cast<const T*>(q.data()), a.q_off = offsets(q_off, batch, "q_off"), a.q_rs = q_rs;
+    a.K = static_cast<const T*>(k.data()), a.k_off = offsets(k_off, batch, "k_off"), a.k_rs = k_rs;
+    a.V = static_cast<const T*>(v.data()), a.v_off = offsets(v_off, batch, "v_off"), a.v_rs = v_rs;
+    a.O = contig<T>(out, "out", batch * L * Ev, true), a.o_bs = L * Ev;
+    auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t r, int64_t cs, int64_t c,
+                    const char* name, int64_t itemsize) {
+      if (batch == 0 || r == 0 || c == 0) return;
+      int64_t omin = INT64_MAX, omax = INT64_MIN;
+      for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
+      if (rs < 0 || cs < 0) value_error(std::string(name) + ": negative strides must be resolved by the caller");
+      check_span(arr, name, omin, omax + (r - 1) * rs + (c - 1) * cs, itemsize);
+    };
+    span(q, a.q_off, q_rs, L, 1, E, "query", sizeof(T));
+    span(k, a.k_off, k_rs, S, 1, E, "key", sizeof(T));
+    span(v, a.v_off, v_rs, S, 1, Ev, "value", sizeof(T));
+    if (!mask.is_none()) {
+      py::array m = mask.cast<py::array>();
+      a.m_off = offsets(m_off, batch, "m_off"), a.m_rs = m_rs, a.m_cs = m_cs;
+      if (m.dtype().is(py::dtype::of<bool>())) {
+        a.bmask = static_cast<const uint8_t*>(m.data());
+        span(m, a.m_off, m_rs, L, m_cs, S, "attn_mask", 1);
+      } else if (is_dtype<T>(m)) {
+        a.fmask = static_cast<const T*>(m.data());
+        span(m, a.m_off, m_rs, L, m_cs, S, "attn_mask", sizeof(T));
+      } else {
+        throw py::type_error("attn_mask: expected bool or the query's dtype");
+      }
+    }
+    a.causal = causal;
+    a.scale = T(scale);
+    if (!lse.is_none()) a.lse = contig<T>(lse.cast<py::array>(), "lse", batch * L, true);
+    py::gil_scoped_release nogil;
+    ops<T>().sdpa(a);
+  });
+}
+
+void adam(const py::array& param, const py::array& grad, const py::array& exp_avg, const py::array& exp_avg_sq,
+          const py::object& max_exp_avg_sq, double lr, double beta1, double beta2, double eps, double weight_decay,
+          double step_size, double bias_correction2_sqrt, bool decoupled, bool maximize) {
+  by_dtype(param, "param", [&](auto t) {
+    using T = decltype(t);
+    AdamArgs<T> a;
+    a.n = param.size();
+    a.param = contig<T>(param, "param", a.n, true);
+    a.grad = contig<T>(grad, "grad", a.n);
+    a.exp_avg = contig<T>(exp_avg, "exp_avg", a.n, true);
+    a.exp_avg_sq = contig<T>(exp_avg_sq, "exp_avg_sq", a.n, true);
+    if (!max_exp_avg_sq.is_none()) a.max_exp_avg_sq = contig<T>(max_exp_avg_sq.cast<py::array>(), "max_exp_avg_sq", a.n, true);
+    a.lr = lr, a.beta1 = beta1, a.beta2 = beta2, a.eps = eps, a.weight_decay = weight_decay;
+    a.step_size = step_size, a.bias_correction2_sqrt = bias_correction2_sqrt;
+    a.decoupled = decoupled, a.maximize = maximize;
+    py::gil_scoped_release nogil;
+    ops<T>().adam(a);
+  });
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = FASTNN_VERSION;
+  d["compiler"] = FASTNN_COMPILER;
+  d["build_type"] = FASTNN_BUILD_TYPE;
+  d["cxx_flags"] = FASTNN_CXX_FLAGS;
+  d["cpu_isa_compiled"] = FASTNN_ISA_LIST;
+  py::dict isa_flags;
+  isa_flags["generic"] = "";
+  isa_flags["avx2"] = FASTNN_ISA_FLAGS_AVX2;
+  isa_flags["avx512"] = FASTNN_ISA_FLAGS_AVX512;
+  d["cpu_isa_flags"] = isa_flags;
+#ifdef _OPENMP
+  d["openmp"] = std::string("OpenMP ") + std::to_string(_OPENMP);
+#else
+  d["openmp"] = py::none();
+#endif
+  d["cuda_built"] = bool(FASTNN_CUDA_BUILT);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastnn CPU kernels (private: use the fastnn package)";
+  m.attr("__version__") = FASTNN_VERSION;
+  m.def("relu", &relu);
+  m.def("relu_backward", &relu_backward);
+  m.def("softmax", &softmax);
+  m.def("softmax_backward", &softmax_backward);
+  m.def("cross_entropy", &cross_entropy);
+  m.def("gemm", &gemm);
+  m.def("sdpa", &sdpa);
+  m.def("adam", &adam);
+  m.def("build_info", &build_info);
+  m.def("set_isa", [](const std::string& name) { return set_isa(name.c_str()); });
+  m.def("isa", []() { return std::string(isa_in_use()); });
+  m.def("isa_supported", []() { return std::string(isa_supported()); });
+  m.def("set_num_threads", [](int n) { set_num_threads(n); });
+  m.def("get_num_threads", []() { return num_threads(); });
+}

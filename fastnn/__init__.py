@@ -1,0 +1,80 @@
+"""fastnn: hand-written fast neural-network kernels for NumPy arrays.
+
+Every op runs a C++ kernel (OpenMP threads + SIMD, the best ISA path this CPU supports picked at import)
+on float32 or float64 numpy arrays and releases the GIL while it runs. `fastnn.reference` holds the
+same functions in plain NumPy (the test oracles). Set FASTNN_CPU_ISA=generic|avx2|avx512 to force a
+lower code path; an unavailable request warns and keeps the best available one.
+"""
+from __future__ import annotations
+
+import os as _os
+import platform as _platform
+import warnings as _warnings
+
+import numpy as _np
+
+from . import _C
+from ._ops import (
+    adam_update,
+    cpu_isa,
+    cross_entropy,
+    get_num_threads,
+    linear,
+    log_softmax,
+    matmul,
+    relu,
+    relu_backward,
+    scaled_dot_product_attention,
+    set_cpu_isa,
+    set_num_threads,
+    softmax,
+    softmax_backward,
+)
+
+__version__: str = _C.__version__
+
+__all__ = [
+    "__version__", "info", "matmul", "linear", "relu", "relu_backward", "softmax", "log_softmax",
+    "softmax_backward", "cross_entropy", "scaled_dot_product_attention", "adam_update",
+    "set_num_threads", "get_num_threads", "cpu_isa", "set_cpu_isa",
+]
+
+
+def info() -> dict:
+    """The build and runtime record: version, compiler and flags, OpenMP and thread count, the CPU ISA
+    paths compiled, supported here and in use, and whether CUDA kernels were built."""
+    b = _C.build_info()
+    return {
+        "version": __version__,
+        "compiler": b["compiler"],
+        "build_type": b["build_type"],
+        "cxx_flags": b["cxx_flags"],
+        "openmp": b["openmp"],
+        "num_threads": get_num_threads(),
+        "cpu_isa": cpu_isa(),
+        "cpu_isa_supported": _C.isa_supported().split(","),
+        "cpu_isa_compiled": b["cpu_isa_compiled"].split(","),
+        "cpu_isa_flags": b["cpu_isa_flags"],
+        "cuda_built": b["cuda_built"],
+        "python": _platform.python_version(),
+        "numpy": _np.__version__,
+        "machine": _platform.machine(),
+    }
+
+
+def _apply_isa_env() -> None:
+    want = _os.environ.get("FASTNN_CPU_ISA", "").strip()
+    if not want:
+        return
+    try:
+        set_cpu_isa(want)
+    except ValueError:
+        _warnings.warn(
+            f"FASTNN_CPU_ISA={want!r} is not available on this machine/build (available: "
+            f"{_C.isa_supported()}); using {cpu_isa()!r}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_apply_isa_env()

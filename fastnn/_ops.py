@@ -1,0 +1,580 @@
+"""The public ops: argument checks, layout preparation and calls into the C++ kernels (fastnn._C).
+
+Every check lives here, at the boundary: a bad argument raises TypeError (wrong type or dtype) or
+ValueError (bad shape, axis or value) naming the argument, what was given and what was expected.
+The kernels receive validated, prepared arrays and release the GIL while they run.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _C
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ZERO_OFFSETS = np.zeros(1, dtype=np.int64)
+_ZERO_OFFSETS.flags.writeable = False
+
+
+# ---- argument checks ------------------------------------------------------------------------------
+
+def _array(x, name: str) -> np.ndarray:
+    """x as a float32/float64 numpy array, or a clear TypeError/RuntimeError."""
+    if isinstance(x, np.ndarray):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {x.dtype}")
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        raise RuntimeError(
+            f"{name}: got a GPU array ({type(x).__module__}.{type(x).__name__}), but this fastnn build has "
+            "no CUDA kernels; pass a numpy array"
+        )
+    raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+
+
+def _same_dtype(ref: np.ndarray, ref_name: str, x: np.ndarray, name: str) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: dtype {x.dtype} does not match {ref_name}'s dtype {ref.dtype}; "
+                        "operands of one op must share one dtype")
+
+
+def _axis(axis, ndim: int, name: str = "axis") -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(axis).__name__}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: {axis} is out of range for an array of {ndim} dimension(s); "
+                         f"expected -{ndim} <= {name} < {ndim}")
+    return axis % ndim
+
+
+def _real(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def _flag(x, name: str) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
+    return bool(x)
+
+
+def _check_out(out, shape, dtype, name: str = "out") -> np.ndarray:
+    """Checks a user-provided output array (shape, dtype, writable, no self-overlapping strides)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name}: the array is read-only")
+    if any(s == 0 and n > 1 for s, n in zip(out.strides, out.shape)):
+        raise ValueError(f"{name}: has a zero stride (several elements share memory); pass a real array")
+    return out
+
+
+def _result_buffer(out: Optional[np.ndarray], shape, dtype, inputs=(), in_place_ok=()) -> np.ndarray:
+    """The C-contiguous array the kernel writes: `out` itself when it is C-contiguous and does not overlap
+    an input (or is exactly one of `in_place_ok`, for element-wise ops), else a fresh array (copied into
+    `out` afterwards by _commit)."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if out.flags.c_contiguous:
+        for x in inputs:
+            if np.may_share_memory(out, x) and not any(_same_view(out, y) for y in in_place_ok if y is x):
+                break
+        else:
+            return out
+    return np.empty(shape, dtype)
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides)
+
+
+def _commit(out: Optional[np.ndarray], buf: np.ndarray) -> np.ndarray:
+    if out is None:
+        return buf
+    if buf is not out:
+        np.copyto(out, buf)
+    return out
+
+
+def _elementwise_layout(*arrays: np.ndarray):
+    """C-contiguous views of same-layout operands without copying when all are C- or all F-contiguous;
+    returns (views, transposed)."""
+    if all(a.flags.c_contiguous for a in arrays):
+        return arrays, False
+    if all(a.flags.f_contiguous for a in arrays):
+        return tuple(a.T for a in arrays), True
+    return tuple(np.ascontiguousarray(a) for a in arrays), False
+
+
+def _elem_strides(a: np.ndarray) -> Tuple[np.ndarray, Tuple[int, ...]]:
+    """(a, element strides); copies `a` in the rare case a stride is not a multiple of the item size."""
+    if any(s % a.itemsize for s in a.strides):
+        a = a.copy()
+    return a, tuple(s // a.itemsize for s in a.strides)
+
+
+def _batch_offsets(a: np.ndarray, estrides, core: int, batch_shape, map_axis=None) -> np.ndarray:
+    """Element offsets of each matrix of `a` (its last `core` dims) over the broadcast `batch_shape`.
+    `map_axis=(axis, group)` makes batch index h along `axis` read a's index h // group (GQA)."""
+    nb = a.ndim - core
+    if nb == 0 and not batch_shape:
+        return _ZERO_OFFSETS
+    offs = np.zeros(a.shape[:nb], dtype=np.int64)
+    for d in range(nb):
+        shape = [1] * nb
+        shape[d] = a.shape[d]
+        offs = offs + (np.arange(a.shape[d], dtype=np.int64) * estrides[d]).reshape(shape)
+    if map_axis is not None:
+        axis, group = map_axis
+        offs = np.repeat(offs, group, axis=axis)
+    return np.ascontiguousarray(np.broadcast_to(offs, batch_shape), dtype=np.int64).reshape(-1)
+
+
+def _broadcast_batch(shapes, names) -> Tuple[int, ...]:
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        desc = ", ".join(f"{n} {tuple(s)}" for n, s in zip(names, shapes))
+        raise ValueError(f"batch dimensions do not broadcast: {desc}") from None
+
+
+# ---- matmul and linear ----------------------------------------------------------------------------
+
+def _gemm(a: np.ndarray, b: np.ndarray, buf: np.ndarray, batch_shape, bias=None, relu=False) -> None:
+    """buf[batch] = a[batch] @ b[batch] (+ bias, relu) with a (..., M, K), b (..., K, N) of any strides."""
+    a, ea = _elem_strides(a)
+    b, eb = _elem_strides(b)
+    M, K = a.shape[-2:]
+    N = b.shape[-1]
+    a_off = _batch_offsets(a, ea, 2, batch_shape)
+    b_off = _batch_offsets(b, eb, 2, batch_shape)
+    _C.gemm(a, b, buf, a_off, b_off, M, N, K, ea[-2], ea[-1], eb[-2], eb[-1], bias, relu, False)
+
+
+def matmul(a, b, *, out=None):
+    """Matrix product with numpy.matmul's semantics.
+
+    a: (..., M, K) or (K,); b: (..., K, N) or (K,); float32 or float64, one dtype. 1-D operands are
+    promoted to matrices and the added dimension removed from the result; batch dimensions broadcast.
+    Any strides (transposed, negative, Fortran-ordered views) are read directly, without copies.
+    out: optional array of the result's shape and dtype, written in place and returned.
+    Returns an array of shape broadcast(a.shape[:-2], b.shape[:-2]) + (M, N) (minus promoted dims).
+    Raises TypeError for non-arrays and non-float or mixed dtypes; ValueError for 0-d operands,
+    mismatched inner dimensions or batch shapes that do not broadcast.
+    """
+    a = _array(a, "a")
+    b = _array(b, "b")
+    _same_dtype(a, "a", b, "b")
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: 0-d operands are not allowed (a.ndim={a.ndim}, b.ndim={b.ndim}); "
+                         "use multiplication for scalars")
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    if a2.shape[-1] != b2.shape[-2]:
+        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}: the inner dimensions "
+                         f"{a2.shape[-1]} and {b2.shape[-2]} must match")
+    batch = _broadcast_batch([a2.shape[:-2], b2.shape[:-2]], ["a", "b"])
+    M, N = a2.shape[-2], b2.shape[-1]
+    shape = batch + ((M,) if a.ndim > 1 else ()) + ((N,) if b.ndim > 1 else ())
+    if out is not None:
+        _check_out(out, shape, a.dtype)
+    buf = _result_buffer(out, shape, a.dtype, (a, b))
+    _gemm(a2, b2, buf.reshape(batch + (M, N)), batch)
+    return _commit(out, buf)
+
+
+def linear(x, weight, bias=None, *, activation=None):
+    """activation(x @ weight + bias), with bias and activation fused into the product's store.
+
+    x: (..., in); weight: (in, out); bias: (out,) or None; activation: None or "relu".
+    Returns (..., out) in x's dtype. Raises TypeError for bad types/dtypes, ValueError for bad shapes
+    or an unknown activation.
+    """
+    x = _array(x, "x")
+    weight = _array(weight, "weight")
+    _same_dtype(x, "x", weight, "weight")
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight: expected 2 dimensions (in, out), got shape {weight.shape}")
+    if x.ndim == 0:
+        raise ValueError("x: expected at least 1 dimension (..., in), got a 0-d array")
+    n_in, n_out = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's first dimension {n_in} "
+                         f"(x {x.shape}, weight {weight.shape})")
+    if bias is not None:
+        bias = _array(bias, "bias")
+        _same_dtype(x, "x", bias, "bias")
+        if bias.shape != (n_out,):
+            raise ValueError(f"bias: expected shape ({n_out},), got {bias.shape}")
+        bias = np.ascontiguousarray(bias)
+    x2 = x.reshape(-1, n_in)
+    y = np.empty((x2.shape[0], n_out), x.dtype)
+    _gemm(x2, weight, y, (), bias, activation == "relu")
+    return y.reshape(x.shape[:-1] + (n_out,))
+
+
+# ---- relu -----------------------------------------------------------------------------------------
+
+def relu(x, *, out=None):
+    """max(x, 0) element-wise; NaN stays NaN (as np.maximum).
+
+    x: any shape, float32 or float64. out: optional array of x's shape and dtype; may be x itself
+    (in place). Returns the result (out when given).
+    """
+    x = _array(x, "x")
+    if out is not None:
+        _check_out(out, x.shape, x.dtype)
+        if out.flags.c_contiguous and _same_view(out, x):
+            _C.relu(x, x)
+            return x
+    (xv,), transposed = _elementwise_layout(x)
+    if out is None:
+        y = np.empty(xv.shape, x.dtype)
+        _C.relu(xv, y)
+        return y.T if transposed else y
+    buf = _result_buffer(out, x.shape, x.dtype, (x,))
+    _C.relu(np.ascontiguousarray(x), buf)
+    return _commit(out, buf)
+
+
+def relu_backward(grad_output, x, *, out=None):
+    """Gradient of relu: grad_output where x > 0, else 0 (also 0 where x is NaN).
+
+    grad_output and x: same shape and dtype. out: optional array of that shape and dtype.
+    """
+    g = _array(grad_output, "grad_output")
+    x = _array(x, "x")
+    _same_dtype(x, "x", g, "grad_output")
+    if g.shape != x.shape:
+        raise ValueError(f"grad_output: shape {g.shape} does not match x's shape {x.shape}")
+    if out is not None:
+        _check_out(out, x.shape, x.dtype)
+    if out is None:
+        (gv, xv), transposed = _elementwise_layout(g, x)
+        y = np.empty(xv.shape, x.dtype)
+        _C.relu_backward(gv, xv, y)
+        return y.T if transposed else y
+    in_place = (g,) if _same_view(out, g) else ((x,) if _same_view(out, x) else ())
+    buf = _result_buffer(out, x.shape, x.dtype, (g, x), in_place)
+    _C.relu_backward(np.ascontiguousarray(g), np.ascontiguousarray(x), buf)
+    return _commit(out, buf)
+
+
+# ---- softmax family -------------------------------------------------------------------------------
+
+def _rows_last(x: np.ndarray, axis: int) -> np.ndarray:
+    """x with `axis` moved last, C-contiguous (a view when it already is)."""
+    return np.ascontiguousarray(np.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x)
+
+
+def _softmax(x, axis, out, log: bool, name: str):
+    x = _array(x, "x")
+    if x.ndim == 0:
+        raise ValueError(f"{name}: x must have at least 1 dimension, got a 0-d array")
+    axis = _axis(axis, x.ndim)
+    if out is not None:
+        _check_out(out, x.shape, x.dtype)
+    if x.size == 0:
+        return out if out is not None else np.empty(x.shape, x.dtype)
+    xr = _rows_last(x, axis)
+    if axis == x.ndim - 1:
+        buf = _result_buffer(out, x.shape, x.dtype, (x,), (x,))
+    else:
+        buf = np.empty(xr.shape, x.dtype)
+    _C.softmax(xr, buf, xr.shape[-1], log)
+    res = np.moveaxis(buf, -1, axis) if axis != x.ndim - 1 else buf
+    return _commit(out, res) if out is not None else res
+
+
+def softmax(x, axis=-1, *, out=None):
+    """exp(x) / sum(exp(x)) along `axis`, computed safely for large magnitudes (max subtracted).
+
+    x: float32/float64, at least 1-D; axis: int (default -1); out: optional array like x (may be x).
+    A row containing +inf or NaN gives NaN, as the NumPy formula does.
+    """
+    return _softmax(x, axis, out, False, "softmax")
+
+
+def log_softmax(x, axis=-1, *, out=None):
+    """x - max - log(sum(exp(x - max))) along `axis`. Same arguments as softmax."""
+    return _softmax(x, axis, out, True, "log_softmax")
+
+
+def softmax_backward(grad_output, output, axis=-1):
+    """Gradient of softmax given its output y: y * (g - sum(g * y, axis)).
+
+    grad_output, output: same shape and dtype (output is softmax's result). Returns a new array.
+    """
+    g = _array(grad_output, "grad_output")
+    y = _array(output, "output")
+    _same_dtype(y, "output", g, "grad_output")
+    if g.shape != y.shape:
+        raise ValueError(f"grad_output: shape {g.shape} does not match output's shape {y.shape}")
+    if y.ndim == 0:
+        raise ValueError("softmax_backward: output must have at least 1 dimension, got a 0-d array")
+    axis = _axis(axis, y.ndim)
+    if y.size == 0:
+        return np.empty(y.shape, y.dtype)
+    gr, yr = _rows_last(g, axis), _rows_last(y, axis)
+    buf = np.empty(yr.shape, y.dtype)
+    _C.softmax_backward(gr, yr, buf, yr.shape[-1], False)
+    return np.moveaxis(buf, -1, axis) if axis != y.ndim - 1 else buf
+
+
+def cross_entropy(logits, labels):
+    """Mean negative log-likelihood and its gradient, in one fused pass.
+
+    logits: (N, C) float32/float64; labels: (N,) int32 or int64 with values in [0, C).
+    Returns (loss, grad): loss a Python float (mean over the N rows; NaN when N == 0), grad (N, C)
+    = (softmax(logits) - onehot(labels)) / N. A label outside [0, C) is a ValueError.
+    """
+    logits = _array(logits, "logits")
+    if not isinstance(labels, np.ndarray):
+        raise TypeError(f"labels: expected a numpy.ndarray of int32/int64, got {type(labels).__name__}")
+    if labels.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+        raise TypeError(f"labels: expected dtype int32 or int64, got {labels.dtype}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits: expected 2 dimensions (N, C), got shape {logits.shape}")
+    n, c = logits.shape
+    if labels.shape != (n,):
+        raise ValueError(f"labels: expected shape ({n},) to match logits {logits.shape}, got {labels.shape}")
+    grad = np.empty((n, c), logits.dtype)
+    if n == 0:
+        return float("nan"), grad
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= c:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"labels: value {bad} is out of range; expected 0 <= label < {c}")
+    lab = np.ascontiguousarray(labels, dtype=np.int64)
+    total = _C.cross_entropy(np.ascontiguousarray(logits), lab, grad, c, 1.0 / n)
+    return total / n, grad
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+def _rows_contiguous(a: np.ndarray) -> np.ndarray:
+    """a with unit stride in its last dim and non-negative strides elsewhere (copied only if needed)."""
+    if a.strides[-1] != a.itemsize or any(s < 0 for s in a.strides) or any(s % a.itemsize for s in a.strides):
+        return np.ascontiguousarray(a)
+    return a
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    """softmax(query @ key^T * scale + mask) @ value, with PyTorch's semantics, flash-style.
+
+    query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev); leading dimensions
+    broadcast as in matmul (2-D inputs allowed). float32/float64, one dtype.
+    attn_mask: bool (True = may attend) or a float array of the same dtype added to the scores,
+    broadcastable to (..., L, S). is_causal: query i may attend key j iff j <= i, i.e.
+    tril(ones(L, S)) aligned at the top-left (flash-attn aligns bottom-right when L != S).
+    scale: default 1/sqrt(E). enable_gqa: query (N, Hq, L, E) with key/value (N, Hkv, S, .),
+    Hq divisible by Hkv, key/value head h serving query heads h*Hq/Hkv .. (h+1)*Hq/Hkv - 1.
+    dropout_p must be 0.0 (dropout is not implemented). A query row with no allowed key gives zeros.
+    Keys are processed in tiles with an online softmax: no L x S matrix is ever held.
+    """
+    q = _array(query, "query")
+    k = _array(key, "key")
+    v = _array(value, "value")
+    _same_dtype(q, "query", k, "key")
+    _same_dtype(q, "query", v, "value")
+    for a, n in ((q, "query"), (k, "key"), (v, "value")):
+        if a.ndim < 2:
+            raise ValueError(f"{n}: expected at least 2 dimensions (..., length, features), got shape {a.shape}")
+    dropout_p = _real(dropout_p, "dropout_p")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p: dropout is not implemented; expected 0.0, got {dropout_p}")
+    is_causal = _flag(is_causal, "is_causal")
+    enable_gqa = _flag(enable_gqa, "enable_gqa")
+    L, E = q.shape[-2:]
+    S, Ek = k.shape[-2:]
+    Sv, Ev = v.shape[-2:]
+    if Ek != E:
+        raise ValueError(f"key: feature dimension {Ek} does not match query's {E} (query {q.shape}, key {k.shape})")
+    if Sv != S:
+        raise ValueError(f"value: length {Sv} does not match key's length {S} (key {k.shape}, value {v.shape})")
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal: pass one or the other, not both")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    else:
+        scale = _real(scale, "scale")
+
+    q_map = k_map = None
+    qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
+    if enable_gqa:
+        if q.ndim < 3 or k.ndim < 3 or v.ndim < 3:
+            raise ValueError("enable_gqa: query, key and value need a head dimension (..., H, L, E)")
+        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+        if hk != hv:
+            raise ValueError(f"enable_gqa: key has {hk} heads but value has {hv}")
+        if hk == 0 or hq % hk:
+            raise ValueError(f"enable_gqa: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+        group = hq // hk
+        kb = kb[:-1] + (hq,)
+        vb = vb[:-1] + (hq,)
+        k_map = group
+    batch = _broadcast_batch([qb, kb, vb], ["query", "key", "value"])
+    if (not enable_gqa and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]
+            and 1 not in (q.shape[-3], k.shape[-3])):
+        raise ValueError(f"query has {q.shape[-3]} heads and key has {k.shape[-3]}: pass enable_gqa=True "
+                         "for grouped-query attention")
+
+    out = np.empty(batch + (L, Ev), q.dtype)
+    nbatch = int(np.prod(batch, dtype=np.int64)) if batch else 1
+    if out.size == 0 or nbatch == 0:
+        return out
+
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    eq, ek, ev = (tuple(s // a.itemsize for s in a.strides) for a in (q, k, v))
+
+    def offsets(a, es, mapped):
+        nb = a.ndim - 2
+        m = (nb - 1, mapped) if mapped else None
+        offs = _batch_offsets(a, es, 2, batch, m)
+        return np.ascontiguousarray(np.broadcast_to(offs, (nbatch,)), dtype=np.int64) if offs.size != nbatch else offs
+
+    q_off, k_off, v_off = offsets(q, eq, None), offsets(k, ek, k_map), offsets(v, ev, k_map)
+
+    mask = None
+    m_off, m_rs, m_cs = _ZERO_OFFSETS, 0, 0
+    if attn_mask is not None:
+        if not isinstance(attn_mask, np.ndarray):
+            raise TypeError(f"attn_mask: expected a numpy.ndarray, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != np.bool_ and attn_mask.dtype != q.dtype:
+            raise TypeError(f"attn_mask: expected dtype bool or {q.dtype} (the query's), got {attn_mask.dtype}")
+        try:
+            mfull = np.broadcast_to(attn_mask, batch + (L, S))
+        except ValueError:
+            raise ValueError(f"attn_mask: shape {attn_mask.shape} does not broadcast to {batch + (L, S)}") from None
+        mfull, em = _elem_strides(mfull)
+        mask = mfull
+        m_rs, m_cs = em[-2], em[-1]
+        m_off = _batch_offsets(mfull, em, 2, batch)
+        if m_off.size != nbatch:
+            m_off = np.ascontiguousarray(np.broadcast_to(m_off, (nbatch,)))
+        if any(s < 0 for s in em):
+            mask = np.ascontiguousarray(mfull)
+            _, em = _elem_strides(mask)
+            m_rs, m_cs = em[-2], em[-1]
+            m_off = _batch_offsets(mask, em, 2, batch)
+    _C.sdpa(q, k, v, out.reshape(nbatch, L, Ev), q_off, k_off, v_off, L, S, E, Ev, eq[-2], ek[-2], ev[-2],
+            mask, m_off, m_rs, m_cs, is_causal, scale, None)
+    return out
+
+
+# ---- Adam -----------------------------------------------------------------------------------------
+
+def _state(x, name: str, ref: np.ndarray) -> np.ndarray:
+    x = _array(x, name)
+    _same_dtype(ref, "param", x, name)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: shape {x.shape} does not match param's shape {ref.shape}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (it is updated in place; a copy would be silently lost)")
+    if not x.flags.writeable:
+        raise ValueError(f"{name}: the array is read-only (it is updated in place)")
+    return x
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.0, decoupled_weight_decay=False, maximize=False, max_exp_avg_sq=None):
+    """One fused, in-place Adam step with torch.optim.Adam's arithmetic.
+
+    param, exp_avg, exp_avg_sq (and max_exp_avg_sq for AMSGrad) are updated in place: they must be
+    C-contiguous, writable, of one shape and dtype (float32/float64), and distinct. grad: same shape and
+    dtype, any layout. step: the step number, counting from 1 (bias corrections use it).
+    decoupled_weight_decay=True gives AdamW; maximize ascends. Returns None.
+    """
+    p = _array(param, "param")
+    if not p.flags.c_contiguous:
+        raise ValueError("param: must be C-contiguous (it is updated in place; a copy would be silently lost)")
+    if not p.flags.writeable:
+        raise ValueError("param: the array is read-only (it is updated in place)")
+    g = _array(grad, "grad")
+    _same_dtype(p, "param", g, "grad")
+    if g.shape != p.shape:
+        raise ValueError(f"grad: shape {g.shape} does not match param's shape {p.shape}")
+    m = _state(exp_avg, "exp_avg", p)
+    v = _state(exp_avg_sq, "exp_avg_sq", p)
+    vmax = _state(max_exp_avg_sq, "max_exp_avg_sq", p) if max_exp_avg_sq is not None else None
+    states = [("param", p), ("exp_avg", m), ("exp_avg_sq", v)] + ([("max_exp_avg_sq", vmax)] if vmax is not None else [])
+    for i in range(len(states)):
+        for j in range(i + 1, len(states)):
+            if states[i][1].size and np.may_share_memory(states[i][1], states[j][1]):
+                raise ValueError(f"{states[j][0]}: shares memory with {states[i][0]}; the state arrays must be distinct")
+    if isinstance(step, bool):
+        raise TypeError("step: expected an int >= 1, got bool")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step: expected an int >= 1, got {type(step).__name__}") from None
+    if step < 1:
+        raise ValueError(f"step: expected an int >= 1 (steps count from 1), got {step}")
+    lr, beta1, beta2 = _real(lr, "lr"), _real(beta1, "beta1"), _real(beta2, "beta2")
+    eps, weight_decay = _real(eps, "eps"), _real(weight_decay, "weight_decay")
+    if not lr >= 0:
+        raise ValueError(f"lr: expected >= 0, got {lr}")
+    if not 0 <= beta1 < 1:
+        raise ValueError(f"beta1: expected 0 <= beta1 < 1, got {beta1}")
+    if not 0 <= beta2 < 1:
+        raise ValueError(f"beta2: expected 0 <= beta2 < 1, got {beta2}")
+    if not eps >= 0:
+        raise ValueError(f"eps: expected >= 0, got {eps}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
+    decoupled = _flag(decoupled_weight_decay, "decoupled_weight_decay")
+    maximize = _flag(maximize, "maximize")
+    if g.size and (not g.flags.c_contiguous or any(np.may_share_memory(g, s) for _, s in states)):
+        g = np.array(g, order="C", copy=True)
+    # Host-side scalars exactly as torch computes them (Python floats).
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2 ** 0.5
+    _C.adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
+            decoupled, maximize)
+
+
+# ---- threads and ISA ------------------------------------------------------------------------------
+
+def set_num_threads(n) -> None:
+    """Sets the number of threads fastnn's kernels use (all Python threads share it). n >= 1."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n: expected an int >= 1, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n}")
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of threads fastnn's kernels use (default: OMP_NUM_THREADS, else the core count)."""
+    return _C.get_num_threads()
+
+
+def cpu_isa() -> str:
+    """The CPU kernel path in use: 'generic', 'avx2' or 'avx512'."""
+    return _C.isa()
+
+
+def set_cpu_isa(name) -> None:
+    """Switches the CPU kernel path ('generic', 'avx2' or 'avx512') for all later calls.
+    ValueError when that path is not compiled in or this CPU does not support it."""
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+    supported = _C.isa_supported().split(",")
+    if not _C.set_isa(name):
+        raise ValueError(f"name: CPU ISA path {name!r} is not available here; expected one of {supported}")
