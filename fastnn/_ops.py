@@ -74,7 +74,7 @@ def _check_out(out, shape, dtype, name: str = "out") -> np.ndarray:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {out.shape}")
     if not out.flags.writeable:
         raise ValueError(f"{name}: the array is read-only")
-    if any(s == 0 and n > 1 for s, n in zip(out.strides, out.shape)):
+    if out.size > 1 and any(s == 0 and n > 1 for s, n in zip(out.strides, out.shape)):
         raise ValueError(f"{name}: has a zero stride (several elements share memory); pass a real array")
     return out
 
@@ -176,6 +176,16 @@ def matmul(a, b, *, out=None):
     a = _array(a, "a")
     b = _array(b, "b")
     _same_dtype(a, "a", b, "b")
+    if out is None and a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0]:
+        # Fast path for the common case (per-call overhead matters for small products).
+        (M, K), N = a.shape, b.shape[1]
+        c = np.empty((M, N), a.dtype)
+        isz = a.itemsize
+        sa, sb = a.strides, b.strides
+        if not (sa[0] % isz or sa[1] % isz or sb[0] % isz or sb[1] % isz):
+            _C.gemm(a, b, c, _ZERO_OFFSETS, _ZERO_OFFSETS, M, N, K, sa[0] // isz, sa[1] // isz,
+                    sb[0] // isz, sb[1] // isz, None, False, False)
+            return c
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: 0-d operands are not allowed (a.ndim={a.ndim}, b.ndim={b.ndim}); "
                          "use multiplication for scalars")
@@ -220,7 +230,7 @@ def linear(x, weight, bias=None, *, activation=None):
         if bias.shape != (n_out,):
             raise ValueError(f"bias: expected shape ({n_out},), got {bias.shape}")
         bias = np.ascontiguousarray(bias)
-    x2 = x.reshape(-1, n_in)
+    x2 = x.reshape(math.prod(x.shape[:-1]), n_in)
     y = np.empty((x2.shape[0], n_out), x.dtype)
     _gemm(x2, weight, y, (), bias, activation == "relu")
     return y.reshape(x.shape[:-1] + (n_out,))

@@ -57,12 +57,13 @@ inline void pack_a_panel(const T* A, int64_t a_rs, int64_t a_cs, int64_t rows, i
 }
 
 // Bp: panels of NR columns; element (k, c) of a panel at [k * NR + c]. Columns past N are zero.
-template <typename T>
+// NRV (vectors per panel row) is kNRV, or 1 for narrow products where a 2-vector panel would be mostly padding.
+template <typename T, int NRV = kNRV>
 inline void pack_b_panel(const T* B, int64_t b_rs, int64_t b_cs, int64_t kc, int64_t cols, T* dst) {
-  constexpr int64_t NR = kNR<T>;
+  constexpr int64_t NR = NRV * kLanes<T>;
   if (cols == NR && b_cs == 1) {
     for (int64_t k = 0; k < kc; ++k)
-      for (int v = 0; v < kNRV; ++v)
+      for (int v = 0; v < NRV; ++v)
         vstore(dst + k * NR + v * kLanes<T>, vload(B + k * b_rs + v * kLanes<T>));
     return;
   }
@@ -74,32 +75,35 @@ inline void pack_b_panel(const T* B, int64_t b_rs, int64_t b_cs, int64_t kc, int
   }
 }
 
-// C[0:mr, 0:nr] (=|+=) Ap_panel * Bp_panel over kc; then, on the last K block, + bias and relu.
-template <typename T>
-inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, const T* FASTNN_RESTRICT b, T* c, int64_t ldc,
-                  int64_t mr, int64_t nr, bool accumulate, const T* bias, bool relu) {
-  constexpr int64_t W = kLanes<T>, NR = kNR<T>;
-  Vec<T> acc[kMR][kNRV];
+// C[0:mr, 0:nr] (=|+=) A_panel * Bp_panel over kc; then, on the last K block, + bias and relu.
+// A panel element (r, k) is at a[r * a_rs + k * a_cs]: a packed panel has (a_rs, a_cs) = (1, kMR); a
+// row-major A can also be read in place with (lda, 1), which saves packing small products.
+template <typename T, int NRV = kNRV>
+inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, int64_t a_rs, int64_t a_cs,
+                         const T* FASTNN_RESTRICT b, T* c, int64_t ldc, int64_t mr, int64_t nr, bool accumulate,
+                         const T* bias, bool relu) {
+  constexpr int64_t W = kLanes<T>, NR = NRV * W;
+  Vec<T> acc[kMR][NRV];
 #pragma GCC unroll 16
   for (int i = 0; i < kMR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < kNRV; ++v) acc[i][v] = Vec<T>{};
+    for (int v = 0; v < NRV; ++v) acc[i][v] = Vec<T>{};
   for (int64_t k = 0; k < kc; ++k) {
-    Vec<T> bv[kNRV];
+    Vec<T> bv[NRV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNRV; ++v) bv[v] = vload(b + k * NR + v * W);
+    for (int v = 0; v < NRV; ++v) bv[v] = vload(b + k * NR + v * W);
 #pragma GCC unroll 16
     for (int i = 0; i < kMR; ++i) {
-      const Vec<T> av = vset<T>(a[k * kMR + i]);
+      const Vec<T> av = vset<T>(a[i * a_rs + k * a_cs]);
 #pragma GCC unroll 4
-      for (int v = 0; v < kNRV; ++v) acc[i][v] += av * bv[v];
+      for (int v = 0; v < NRV; ++v) acc[i][v] += av * bv[v];
     }
   }
   if (mr == kMR && nr == NR) {
 #pragma GCC unroll 16
     for (int i = 0; i < kMR; ++i) {
 #pragma GCC unroll 4
-      for (int v = 0; v < kNRV; ++v) {
+      for (int v = 0; v < NRV; ++v) {
         T* p = c + i * ldc + v * W;
         Vec<T> r = acc[i][v];
         if (accumulate) r += vload(p);
@@ -112,7 +116,7 @@ inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, const T* FASTNN
   }
   alignas(64) T tile[kMR * NR];
   for (int i = 0; i < kMR; ++i)
-    for (int v = 0; v < kNRV; ++v) vstore(tile + i * NR + v * W, acc[i][v]);
+    for (int v = 0; v < NRV; ++v) vstore(tile + i * NR + v * W, acc[i][v]);
   for (int64_t i = 0; i < mr; ++i) {
     for (int64_t j = 0; j < nr; ++j) {
       T r = tile[i * NR + j];

@@ -21,9 +21,10 @@ namespace {
 
 template <typename T> struct Workspace {
   AlignedBuffer a, b, bias;
-  Workspace(int64_t M, int64_t N, bool with_bias)
-      : a(sizeof(T) * round_up(std::max<int64_t>(M, 1), kMC) * kKC),
-        b(sizeof(T) * kKC * round_up(std::min(std::max<int64_t>(N, 1), kNC), kNR<T>)),
+  // Sized for this product (not the maximal blocks): small products stay off mmap'd allocations.
+  Workspace(int64_t M, int64_t N, int64_t K, bool with_bias)
+      : a(sizeof(T) * round_up(std::max<int64_t>(M, 1), kMR) * std::clamp<int64_t>(K, 1, kKC)),
+        b(sizeof(T) * std::clamp<int64_t>(K, 1, kKC) * round_up(std::min(std::max<int64_t>(N, 1), kNC), kNR<T>)),
         bias(with_bias ? sizeof(T) * round_up(N, kNR<T>) : 0) {}
 };
 
@@ -38,9 +39,10 @@ template <typename T> void fill_empty_k(const GemmArgs<T>& g, T* C) {
 }
 
 // One product C = A @ B with up to nt threads (nt == 1 when the caller parallelizes over the batch).
-template <typename T> void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& ws, int nt) {
+template <typename T, int NRV>
+void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& ws, int nt) {
   const int64_t M = g.M, N = g.N, K = g.K;
-  constexpr int64_t NR = kNR<T>;
+  constexpr int64_t NR = NRV * kLanes<T>;
   if (M == 0 || N == 0) return;
   if (K == 0) return fill_empty_k(g, C);
   T* Ap = static_cast<T*>(ws.a.p);
@@ -52,51 +54,74 @@ template <typename T> void gemm_one(const GemmArgs<T>& g, const T* A, const T* B
   }
   const int64_t m_panels = (M + kMR - 1) / kMR;
   const int64_t m_blocks = (M + kMC - 1) / kMC;
+  // A with unit column stride is read in place by the micro-kernel (full panels); only a partial last
+  // panel is packed (zero-padded rows). Other layouts are packed.
+  const bool direct_a = g.a_cs == 1;
+  const int64_t a_pack_first = direct_a ? M / kMR : 0;
+  // The loop nest runs on each thread of the team (tid of team); loops are split statically by hand and
+  // synchronized with barriers only when team > 1, so that with one thread (also inside a caller's
+  // batch-parallel region) there is no fork and no barrier binding to someone else's team.
+  auto body = [&](int64_t tid, int64_t team) {
+    auto sync = [&]() {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
+      if (team > 1) {
+#pragma omp barrier
+      }
 #endif
-  for (int64_t jc = 0; jc < N; jc += kNC) {
-    const int64_t nc = std::min(kNC, N - jc);
-    const int64_t n_panels = (nc + NR - 1) / NR;
-    // Split the N panels so that there are at least ~2 tasks per thread when M gives few row blocks.
-    const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_panels, (2 * nt + m_blocks - 1) / m_blocks));
-    const int64_t tasks = m_blocks * n_chunks;
-    for (int64_t pc = 0; pc < K; pc += kKC) {
-      const int64_t kc = std::min(kKC, K - pc);
-      const bool last = pc + kc == K;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-      for (int64_t p = 0; p < n_panels + m_panels; ++p) {
-        if (p < n_panels) {
-          const int64_t j0 = p * NR;
-          pack_b_panel(B + pc * g.b_rs + (jc + j0) * g.b_cs, g.b_rs, g.b_cs, kc, std::min(NR, nc - j0), Bp + p * NR * kc);
-        } else {
-          const int64_t i0 = (p - n_panels) * kMR;
-          pack_a_panel(A + i0 * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, std::min<int64_t>(kMR, M - i0), kc,
-                       Ap + (p - n_panels) * kMR * kc);
-        }
-      }  // implicit barrier: panels are ready
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t mb = t / n_chunks, ch = t % n_chunks;
-        const int64_t jp0 = n_panels * ch / n_chunks, jp1 = n_panels * (ch + 1) / n_chunks;
-        const int64_t ip0 = mb * (kMC / kMR), ip1 = std::min(m_panels, ip0 + kMC / kMR);
-        for (int64_t jp = jp0; jp < jp1; ++jp) {
-          const int64_t j = jp * NR;
-          const int64_t nr = std::min(NR, nc - j);
-          for (int64_t ip = ip0; ip < ip1; ++ip) {
-            const int64_t i = ip * kMR;
-            micro_kernel<T>(kc, Ap + ip * kMR * kc, Bp + jp * NR * kc, C + i * g.ldc + jc + j, g.ldc,
-                            std::min<int64_t>(kMR, M - i), nr, pc > 0, last && g.bias ? bias_pad + jc + j : nullptr,
-                            last && g.relu);
+    };
+    for (int64_t jc = 0; jc < N; jc += kNC) {
+      const int64_t nc = std::min(kNC, N - jc);
+      const int64_t n_panels = (nc + NR - 1) / NR;
+      // Split the N panels so that there are at least ~2 tasks per thread when M gives few row blocks.
+      const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_panels, (2 * nt + m_blocks - 1) / m_blocks));
+      const int64_t tasks = m_blocks * n_chunks;
+      const int64_t a_packs = m_panels - a_pack_first;
+      for (int64_t pc = 0; pc < K; pc += kKC) {
+        const int64_t kc = std::min(kKC, K - pc);
+        const bool last = pc + kc == K;
+        // Packed A panels for this K block sit at Ap[panel * kMR * kc].
+        const int64_t packs = n_panels + a_packs;
+        for (int64_t p = packs * tid / team; p < packs * (tid + 1) / team; ++p) {
+          if (p < n_panels) {
+            const int64_t j0 = p * NR;
+            pack_b_panel<T, NRV>(B + pc * g.b_rs + (jc + j0) * g.b_cs, g.b_rs, g.b_cs, kc, std::min(NR, nc - j0),
+                                 Bp + p * NR * kc);
+          } else {
+            const int64_t ip = a_pack_first + p - n_panels, i0 = ip * kMR;
+            pack_a_panel(A + i0 * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, std::min<int64_t>(kMR, M - i0), kc,
+                         Ap + ip * kMR * kc);
           }
         }
-      }  // implicit barrier before the panels are overwritten
+        sync();  // panels are ready
+        for (int64_t t = tasks * tid / team; t < tasks * (tid + 1) / team; ++t) {
+          const int64_t mb = t / n_chunks, ch = t % n_chunks;
+          const int64_t jp0 = n_panels * ch / n_chunks, jp1 = n_panels * (ch + 1) / n_chunks;
+          const int64_t ip0 = mb * (kMC / kMR), ip1 = std::min(m_panels, ip0 + kMC / kMR);
+          for (int64_t jp = jp0; jp < jp1; ++jp) {
+            const int64_t j = jp * NR;
+            const int64_t nr = std::min(NR, nc - j);
+            for (int64_t ip = ip0; ip < ip1; ++ip) {
+              const int64_t i = ip * kMR;
+              const bool in_place = ip < a_pack_first;
+              const T* a = in_place ? A + i * g.a_rs + pc : Ap + ip * kMR * kc;
+              micro_kernel<T, NRV>(kc, a, in_place ? g.a_rs : 1, in_place ? 1 : kMR, Bp + jp * NR * kc,
+                                   C + i * g.ldc + jc + j, g.ldc, std::min<int64_t>(kMR, M - i), nr, pc > 0,
+                                   last && g.bias ? bias_pad + jc + j : nullptr, last && g.relu);
+            }
+          }
+        }
+        sync();  // before the panels are overwritten
+      }
     }
+  };
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
   }
+#endif
+  body(0, 1);
 }
 
 // Threads worth using for one M x N x K product: about 2^20 multiply-adds per thread at least.
@@ -111,23 +136,25 @@ template <typename T> void gemm(const GemmArgs<T>& g) {
   if (g.batch <= 0 || g.M == 0 || g.N == 0) return;
   auto a_of = [&](int64_t b) { return g.A + (g.a_off ? g.a_off[b] : 0); };
   auto b_of = [&](int64_t b) { return g.B + (g.b_off ? g.b_off[b] : 0); };
+  // Narrow products (N up to one vector) use one-vector panels: half the padding of the default two.
+  auto one = g.N <= kLanes<T> ? gemm_one<T, 1> : gemm_one<T, kNRV>;
   const int nt_one = threads_for(g.M, g.N, g.K);
   const int nt = num_threads();
   if (g.batch == 1 || nt_one >= nt || nt == 1) {
     // Each product uses the threads; buffers are allocated before any parallel region (bad_alloc must
     // reach Python as MemoryError, not escape an OpenMP region).
-    Workspace<T> ws(g.M, g.N, g.bias != nullptr);
-    for (int64_t b = 0; b < g.batch; ++b) gemm_one(g, a_of(b), b_of(b), g.C + b * g.c_bs, ws, nt_one);
+    Workspace<T> ws(g.M, g.N, g.K, g.bias != nullptr);
+    for (int64_t b = 0; b < g.batch; ++b) one(g, a_of(b), b_of(b), g.C + b * g.c_bs, ws, nt_one);
     return;
   }
   // Many small products: one thread each, a workspace per thread.
   const int64_t teams = std::min<int64_t>(nt, g.batch);
   std::vector<std::unique_ptr<Workspace<T>>> ws;
-  for (int64_t t = 0; t < teams; ++t) ws.emplace_back(new Workspace<T>(g.M, g.N, g.bias != nullptr));
+  for (int64_t t = 0; t < teams; ++t) ws.emplace_back(new Workspace<T>(g.M, g.N, g.K, g.bias != nullptr));
   parallel_for(teams, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t)
       for (int64_t b = g.batch * t / teams; b < g.batch * (t + 1) / teams; ++b)
-        gemm_one(g, a_of(b), b_of(b), g.C + b * g.c_bs, *ws[t], 1);
+        one(g, a_of(b), b_of(b), g.C + b * g.c_bs, *ws[t], 1);
   });
 }
 

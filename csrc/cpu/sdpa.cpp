@@ -71,7 +71,7 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
       pack_b_panel(K + (k0 + jp * NR) * a.k_rs, int64_t(1), a.k_rs, E, std::min(NR, bc - jp * NR), Kp + jp * NR * E);
     for (int64_t jp = 0; jp < kpanels; ++jp)
       for (int64_t ip = 0; ip * kMR < bq; ++ip)
-        micro_kernel<T>(E, Qp + ip * kMR * E, Kp + jp * NR * E, Sb + ip * kMR * Bc + jp * NR, Bc,
+        micro_kernel<T>(E, Qp + ip * kMR * E, 1, kMR, Kp + jp * NR * E, Sb + ip * kMR * Bc + jp * NR, Bc,
                         std::min<int64_t>(kMR, bq - ip * kMR), std::min(NR, bc - jp * NR), false, nullptr, false);
     // Scale, mask, and the online softmax update of each row.
     for (int64_t i = 0; i < bq; ++i) {
@@ -90,9 +90,11 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
             if (!a.bmask[mo + j * a.m_cs]) s[j] = ninf;
         }
       }
+      // Row max that propagates NaN (a NaN score must make the row NaN, not look like "no key").
+      auto nanmax = [](T x, T y) { return (y != y || y > x) ? y : x; };
       T mx = ninf;
-      for (int64_t j = 0; j < bc; ++j) mx = smax(mx, s[j]);
-      const T m_new = smax(m[i], mx);
+      for (int64_t j = 0; j < bc; ++j) mx = nanmax(mx, s[j]);
+      const T m_new = nanmax(m[i], mx);
       T* p = Pp + (i / kMR) * kMR * Bc + (i % kMR);  // P packed as A panels: (row i, key j) at j * kMR
       if (m_new == ninf) {  // nothing allowed yet for this row
         for (int64_t j = 0; j < Bc; ++j) p[j * kMR] = T(0);
@@ -133,15 +135,17 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
     }
     for (int64_t cp = 0; cp < vpanels; ++cp)
       for (int64_t ip = 0; ip * kMR < bq; ++ip)
-        micro_kernel<T>(Bc, Pp + ip * kMR * Bc, Vp + cp * NR * Bc, Ob + ip * kMR * ldo + cp * NR, ldo,
+        micro_kernel<T>(Bc, Pp + ip * kMR * Bc, 1, kMR, Vp + cp * NR * Bc, Ob + ip * kMR * ldo + cp * NR, ldo,
                         std::min<int64_t>(kMR, bq - ip * kMR), std::min(NR, Ev - cp * NR), true, nullptr, false);
   }
   T* out = a.O + b * a.o_bs + q0 * Ev;
   for (int64_t i = 0; i < bq; ++i) {
-    const T inv = l[i] > T(0) ? T(1) / l[i] : T(0);  // no allowed key: zeros, not NaN
+    // No allowed key (l == 0): zeros, not NaN. A NaN score makes l NaN and the row NaN, as in the oracle.
+    const bool empty = l[i] == T(0);
+    const T inv = empty ? T(0) : T(1) / l[i];
     const T* o = Ob + i * ldo;
-    for (int64_t c = 0; c < Ev; ++c) out[i * Ev + c] = l[i] > T(0) ? o[c] * inv : T(0);
-    if (a.lse) a.lse[b * a.L + q0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : ninf;
+    for (int64_t c = 0; c < Ev; ++c) out[i * Ev + c] = empty ? T(0) : o[c] * inv;
+    if (a.lse) a.lse[b * a.L + q0 + i] = empty ? ninf : m[i] + std::log(l[i]);
   }
 }
 

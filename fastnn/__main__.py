@@ -1,0 +1,74 @@
+"""`python -m fastnn` (or the `fastnn` script): `info` prints what was built and what runs;
+`bench` times every op against NumPy and PyTorch (see fastnn.bench)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _print_info(value, indent=0):
+    """A dict as aligned `key: value` lines, nested dicts indented below their key."""
+    width = max((len(str(k)) for k in value), default=0)
+    for key, item in value.items():
+        pad = " " * indent
+        if isinstance(item, dict) and item:
+            print(f"{pad}{key}:")
+            _print_info(item, indent + 2)
+        else:
+            if isinstance(item, (list, tuple)):
+                item = ", ".join(map(str, item)) or "(none)"
+            print(f"{pad}{str(key) + ':':<{width + 1}} {item}")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="python -m fastnn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = commands.add_parser("info", help="print fastnn.info(): version, compiler, ISA paths, threads")
+    info.add_argument("--json", action="store_true", help="print it as JSON")
+
+    from fastnn.bench import OPS
+    bench = commands.add_parser(
+        "bench", help="time every op against NumPy (and PyTorch), after checking it against the oracle",
+        description="Check each op against the float64 oracle, then time fastnn, NumPy and PyTorch "
+                    "(when it imports) side by side; a Markdown table goes to stdout, progress to "
+                    "stderr. Exits 1 when a fastnn result fails its check.")
+    bench.add_argument("--quick", action="store_true", help="fewer repeats (under a minute)")
+    bench.add_argument("--op", nargs="+", action="extend", metavar="NAME", choices=OPS,
+                       help=f"only these ops (any of: {', '.join(OPS)})")
+    bench.add_argument("--json", metavar="FILE", help="also write rows, limits, info and date to FILE")
+    bench.add_argument("--threads", type=int, metavar="N",
+                       help="threads for fastnn, NumPy's BLAS and PyTorch (default: fastnn's count)")
+    bench.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it imports")
+    bench.add_argument("--list", action="store_true", help="list the cases and exit")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import fastnn
+
+    if args.command == "info":
+        info = fastnn.info()
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            _print_info(info)
+        return 0
+
+    from fastnn import bench
+    if args.list:
+        for case in bench.select(args.op):
+            print(f"{case.op:<17} {case.label:<30} {case.notes}")
+        return 0
+    if args.threads is not None and args.threads < 1:
+        print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    results = bench.run(ops=args.op, quick=args.quick, threads=args.threads, json_path=args.json,
+                        torch=None if args.no_torch else "auto")
+    return 0 if all(row["ok"] for row in results["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Plain NumPy versions of every fastnn op: the test oracles.
+
+Same signatures as the public API, written for clarity rather than speed.
+Each function computes in the dtype of its inputs; the tests pass float64
+copies so the oracle is more accurate than the kernel under test.
+"""
+import math
+
+import numpy as np
+
+__all__ = [
+    "matmul", "linear", "relu", "relu_backward", "softmax", "log_softmax",
+    "softmax_backward", "cross_entropy", "scaled_dot_product_attention",
+    "adam_update",
+]
+
+
+def matmul(a, b):
+    """numpy.matmul, with 0-d operands rejected like the public API."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError("matmul: operands must have at least 1 dimension")
+    return np.matmul(a, b)
+
+
+def relu(x):
+    """max(x, 0); NaN stays NaN (like np.maximum)."""
+    x = np.asarray(x)
+    return np.maximum(x, np.zeros((), x.dtype))
+
+
+def relu_backward(grad_output, x):
+    """grad_output where x > 0, else 0 (NaN in x counts as not > 0)."""
+    grad_output, x = np.asarray(grad_output), np.asarray(x)
+    return np.where(x > 0, grad_output, np.zeros((), grad_output.dtype))
+
+
+def linear(x, weight, bias=None, activation=None):
+    """activation(x @ weight + bias), weight (in, out), bias (out,)."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    y = matmul(x, weight)
+    if bias is not None:
+        y = y + np.asarray(bias)
+    return relu(y) if activation == "relu" else y
+
+
+def softmax(x, axis=-1):
+    """exp(x - max) / sum(exp(x - max)); subtracting the max avoids overflow."""
+    x = np.asarray(x)
+    m = np.max(x, axis=axis, keepdims=True) if x.size else x
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(x, axis=-1):
+    """x - max - log(sum(exp(x - max)))."""
+    x = np.asarray(x)
+    m = np.max(x, axis=axis, keepdims=True) if x.size else x
+    shifted = x - m
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def softmax_backward(grad_output, output, axis=-1):
+    """Gradient of softmax given its output y: y * (g - sum(g * y))."""
+    g, y = np.asarray(grad_output), np.asarray(output)
+    return y * (g - np.sum(g * y, axis=axis, keepdims=True))
+
+
+def cross_entropy(logits, labels):
+    """Mean negative log-likelihood over N rows and its gradient w.r.t. logits.
+
+    logits (N, C), integer labels (N,). Returns (loss as float, grad (N, C)),
+    grad = (softmax(logits) - onehot(labels)) / N.
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    n, c = logits.shape
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+    if n and (labels.min() < 0 or labels.max() >= c):
+        raise ValueError(f"labels must lie in [0, {c})")
+    rows = np.arange(n)
+    logp = log_softmax(logits, axis=1)
+    loss = -np.sum(logp[rows, labels]) / n if n else float("nan")
+    grad = softmax(logits, axis=1)
+    grad[rows, labels] -= 1
+    grad /= max(n, 1)
+    return float(loss), grad
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """softmax(q @ k^T * scale + mask) @ v with PyTorch's semantics.
+
+    query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev);
+    leading dims broadcast. Bool mask: True = may attend; float mask: added.
+    is_causal: tril(ones(L, S)), aligned top-left. enable_gqa: key/value heads
+    (axis -3) are repeated to match query heads. A row with no allowed key
+    gives zeros.
+    """
+    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
+    if dropout_p != 0.0:
+        raise ValueError("dropout_p must be 0.0")
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal are mutually exclusive")
+    L, E, S = q.shape[-2], q.shape[-1], k.shape[-2]
+    if enable_gqa and k.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k = np.repeat(k, rep, axis=-3)
+        v = np.repeat(v, rep, axis=-3)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E else 1.0
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * q.dtype.type(scale)
+    if is_causal:
+        attn_mask = np.tril(np.ones((L, S), dtype=bool))
+    if attn_mask is not None:
+        attn_mask = np.asarray(attn_mask)
+        if attn_mask.dtype == bool:
+            scores = np.where(attn_mask, scores, -np.inf)
+        else:
+            scores = scores + attn_mask
+    # Subtract the row max for safety; a row whose max is -inf has no allowed
+    # key (softmax would be 0/0), so it gets zero weights instead of NaN.
+    m = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
+    dead = m == -np.inf
+    p = np.exp(scores - np.where(dead, 0, m))
+    p /= np.where(dead, 1, np.sum(p, axis=-1, keepdims=True))
+    return np.matmul(p, v)
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9,
+                beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                maximize=False, max_exp_avg_sq=None):
+    """One Adam/AdamW/AMSGrad step in place, with torch.optim.Adam's arithmetic.
+
+    Modifies param, exp_avg, exp_avg_sq (and max_exp_avg_sq when given).
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * param
+    exp_avg += (1 - beta1) * (g - exp_avg)
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    v = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
+    denom = np.sqrt(v) / bias_correction2_sqrt + eps
+    param -= exp_avg / denom * (lr / bias_correction1)
