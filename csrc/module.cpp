@@ -176,6 +176,34 @@ void gemm(const py::array& a, const py::array& b, const py::array& out, const Of
   });
 }
 
+// Fast path for the most common call, a 2-D float product with no out=: shapes and strides are read here,
+// the result allocated here. Returns None whenever anything is unusual (the Python layer then takes the
+// general path, which also produces the error messages).
+py::object matmul2d(const py::array& a, const py::array& b) {
+  if (a.ndim() != 2 || b.ndim() != 2 || !a.dtype().is(b.dtype())) return py::none();
+  const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+  if (b.shape(0) != K) return py::none();
+  auto run = [&](auto t) -> py::object {
+    using T = decltype(t);
+    const int64_t isz = sizeof(T);
+    if (a.strides(0) % isz || a.strides(1) % isz || b.strides(0) % isz || b.strides(1) % isz) return py::none();
+    py::array_t<T> c({M, N});
+    GemmArgs<T> g;
+    g.M = M, g.N = N, g.K = K;
+    g.A = static_cast<const T*>(a.data()), g.a_rs = a.strides(0) / isz, g.a_cs = a.strides(1) / isz;
+    g.B = static_cast<const T*>(b.data()), g.b_rs = b.strides(0) / isz, g.b_cs = b.strides(1) / isz;
+    g.C = c.mutable_data(), g.ldc = N;
+    {
+      py::gil_scoped_release nogil;
+      ops<T>().gemm(g);
+    }
+    return std::move(c);
+  };
+  if (is_dtype<float>(a)) return run(float{});
+  if (is_dtype<double>(a)) return run(double{});
+  return py::none();
+}
+
 void sdpa(const py::array& q, const py::array& k, const py::array& v, const py::array& out, const Offsets& q_off,
           const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t q_rs,
           int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off, int64_t m_rs, int64_t m_cs,
@@ -275,6 +303,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("softmax_backward", &softmax_backward);
   m.def("cross_entropy", &cross_entropy);
   m.def("gemm", &gemm);
+  m.def("matmul2d", &matmul2d);
   m.def("sdpa", &sdpa);
   m.def("adam", &adam);
   m.def("build_info", &build_info);

@@ -13,7 +13,13 @@ import warnings as _warnings
 
 import numpy as _np
 
-from . import _C
+try:
+    from . import _C
+except ImportError as _e:  # the source tree without a build
+    raise ImportError(
+        "fastnn's compiled extension fastnn._C is missing: install the package (pip install .) and import it "
+        "from outside the source tree, or build it in place with tools/dev_build.sh"
+    ) from _e
 from ._ops import (
     adam_update,
     cpu_isa,

@@ -173,19 +173,13 @@ def matmul(a, b, *, out=None):
     Raises TypeError for non-arrays and non-float or mixed dtypes; ValueError for 0-d operands,
     mismatched inner dimensions or batch shapes that do not broadcast.
     """
+    if out is None and type(a) is np.ndarray and type(b) is np.ndarray:
+        c = _C.matmul2d(a, b)  # the common 2-D case with the least per-call overhead; None if not it
+        if c is not None:
+            return c
     a = _array(a, "a")
     b = _array(b, "b")
     _same_dtype(a, "a", b, "b")
-    if out is None and a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0]:
-        # Fast path for the common case (per-call overhead matters for small products).
-        (M, K), N = a.shape, b.shape[1]
-        c = np.empty((M, N), a.dtype)
-        isz = a.itemsize
-        sa, sb = a.strides, b.strides
-        if not (sa[0] % isz or sa[1] % isz or sb[0] % isz or sb[1] % isz):
-            _C.gemm(a, b, c, _ZERO_OFFSETS, _ZERO_OFFSETS, M, N, K, sa[0] // isz, sa[1] // isz,
-                    sb[0] // isz, sb[1] // isz, None, False, False)
-            return c
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: 0-d operands are not allowed (a.ndim={a.ndim}, b.ndim={b.ndim}); "
                          "use multiplication for scalars")
