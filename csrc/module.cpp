@@ -179,7 +179,23 @@ void gemm(const py::array& a, const py::array& b, const py::array& out, const Of
 // Fast path for the most common call, a 2-D float product with no out=: shapes and strides are read here,
 // the result allocated here. Returns None whenever anything is unusual (the Python layer then takes the
 // general path, which also produces the error messages).
-py::object matmul2d(const py::array& a, const py::array& b) {
+// Byte range [lo, hi) spanned by an array view.
+std::pair<intptr_t, intptr_t> extent(const py::array& a) {
+  intptr_t lo = reinterpret_cast<intptr_t>(a.data()), hi = lo;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (a.shape(d) == 0) return {lo, lo};
+    const intptr_t e = (a.shape(d) - 1) * a.strides(d);
+    (e < 0 ? lo : hi) += e;
+  }
+  return {lo, hi + static_cast<intptr_t>(a.itemsize())};
+}
+
+bool overlap(const py::array& a, const py::array& b) {
+  const auto x = extent(a), y = extent(b);
+  return x.first < y.second && y.first < x.second;
+}
+
+py::object matmul2d(const py::array& a, const py::array& b, const py::object& out_obj) {
   if (a.ndim() != 2 || b.ndim() != 2 || !a.dtype().is(b.dtype())) return py::none();
   const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
   if (b.shape(0) != K) return py::none();
@@ -187,17 +203,27 @@ py::object matmul2d(const py::array& a, const py::array& b) {
     using T = decltype(t);
     const int64_t isz = sizeof(T);
     if (a.strides(0) % isz || a.strides(1) % isz || b.strides(0) % isz || b.strides(1) % isz) return py::none();
-    py::array_t<T> c({M, N});
+    py::array_t<T> c;
+    if (out_obj.is_none()) {
+      c = py::array_t<T>({M, N});
+    } else {  // an out= that can be written directly; anything else goes the general way
+      if (!py::isinstance<py::array>(out_obj)) return py::none();
+      py::array out = out_obj.cast<py::array>();
+      if (!is_dtype<T>(out) || out.ndim() != 2 || out.shape(0) != M || out.shape(1) != N ||
+          !(out.flags() & py::array::c_style) || !out.writeable() || overlap(out, a) || overlap(out, b))
+        return py::none();
+      c = py::reinterpret_borrow<py::array_t<T>>(out);
+    }
     GemmArgs<T> g;
     g.M = M, g.N = N, g.K = K;
     g.A = static_cast<const T*>(a.data()), g.a_rs = a.strides(0) / isz, g.a_cs = a.strides(1) / isz;
     g.B = static_cast<const T*>(b.data()), g.b_rs = b.strides(0) / isz, g.b_cs = b.strides(1) / isz;
-    g.C = c.mutable_data(), g.ldc = N;
+    g.C = static_cast<T*>(c.mutable_data()), g.ldc = N;
     {
       py::gil_scoped_release nogil;
       ops<T>().gemm(g);
     }
-    return std::move(c);
+    return out_obj.is_none() ? py::object(std::move(c)) : out_obj;
   };
   if (is_dtype<float>(a)) return run(float{});
   if (is_dtype<double>(a)) return run(double{});

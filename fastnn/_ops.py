@@ -173,8 +173,8 @@ def matmul(a, b, *, out=None):
     Raises TypeError for non-arrays and non-float or mixed dtypes; ValueError for 0-d operands,
     mismatched inner dimensions or batch shapes that do not broadcast.
     """
-    if out is None and type(a) is np.ndarray and type(b) is np.ndarray:
-        c = _C.matmul2d(a, b)  # the common 2-D case with the least per-call overhead; None if not it
+    if type(a) is np.ndarray and type(b) is np.ndarray:
+        c = _C.matmul2d(a, b, out)  # the common 2-D case with the least per-call overhead; None if not it
         if c is not None:
             return c
     a = _array(a, "a")

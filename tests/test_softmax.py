@@ -112,12 +112,11 @@ def test_empty_reduction_axis(name, dtype):
     assert got.shape == (4, 0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", FUNCS)
-@pytest.mark.parametrize("scale", [1e2, 1e4, 1e30, 1e300])
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1e2), (np.float32, 1e4), (np.float32, 1e30),
+                                         (np.float64, 1e2), (np.float64, 1e4), (np.float64, 1e30),
+                                         (np.float64, 1e300)])
 def test_large_magnitudes(rng, name, dtype, scale):
-    if dtype == np.float32 and scale > 1e30:
-        pytest.skip("beyond float32 range")
     check_forward(rng, name, (9, 67), dtype, scale=scale)
     check_forward(rng, name, (9, 67), dtype, axis=0, scale=scale)
 

@@ -32,7 +32,8 @@ template <typename T> using Vec = typename VecTraits<T>::V;
 template <typename T> using IVec = typename VecTraits<T>::I;
 template <typename T> constexpr int64_t kLanes = FASTNN_VEC_BYTES / sizeof(T);
 
-template <typename T> FASTNN_INLINE Vec<T> vset(T x) { return Vec<T>{} + x; }
+// Broadcast. (x - 0 is an exact identity, so it folds to a plain broadcast; 0 + x would not: -0.)
+template <typename T> FASTNN_INLINE Vec<T> vset(T x) { return x - Vec<T>{}; }
 template <typename T> FASTNN_INLINE Vec<T> vload(const T* p) {
   Vec<T> v;
   std::memcpy(&v, p, sizeof(v));
