@@ -27,6 +27,7 @@ from ._ops import (
     get_num_threads,
     linear,
     log_softmax,
+    log_softmax_backward,
     matmul,
     relu,
     relu_backward,
@@ -41,7 +42,7 @@ __version__: str = _C.__version__
 
 __all__ = [
     "__version__", "info", "matmul", "linear", "relu", "relu_backward", "softmax", "log_softmax",
-    "softmax_backward", "cross_entropy", "scaled_dot_product_attention", "adam_update",
+    "softmax_backward", "log_softmax_backward", "cross_entropy", "scaled_dot_product_attention", "adam_update",
     "set_num_threads", "get_num_threads", "cpu_isa", "set_cpu_isa",
 ]
 

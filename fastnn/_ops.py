@@ -317,25 +317,37 @@ def log_softmax(x, axis=-1, *, out=None):
     return _softmax(x, axis, out, True, "log_softmax")
 
 
-def softmax_backward(grad_output, output, axis=-1):
-    """Gradient of softmax given its output y: y * (g - sum(g * y, axis)).
-
-    grad_output, output: same shape and dtype (output is softmax's result). Returns a new array.
-    """
+def _softmax_backward(grad_output, output, axis, log: bool, name: str):
     g = _array(grad_output, "grad_output")
     y = _array(output, "output")
     _same_dtype(y, "output", g, "grad_output")
     if g.shape != y.shape:
         raise ValueError(f"grad_output: shape {g.shape} does not match output's shape {y.shape}")
     if y.ndim == 0:
-        raise ValueError("softmax_backward: output must have at least 1 dimension, got a 0-d array")
+        raise ValueError(f"{name}: output must have at least 1 dimension, got a 0-d array")
     axis = _axis(axis, y.ndim)
     if y.size == 0:
         return np.empty(y.shape, y.dtype)
     gr, yr = _rows_last(g, axis), _rows_last(y, axis)
     buf = np.empty(yr.shape, y.dtype)
-    _C.softmax_backward(gr, yr, buf, yr.shape[-1], False)
+    _C.softmax_backward(gr, yr, buf, yr.shape[-1], log)
     return np.moveaxis(buf, -1, axis) if axis != y.ndim - 1 else buf
+
+
+def softmax_backward(grad_output, output, axis=-1):
+    """Gradient of softmax given its output y: y * (g - sum(g * y, axis)).
+
+    grad_output, output: same shape and dtype (output is softmax's result). Returns a new array.
+    """
+    return _softmax_backward(grad_output, output, axis, False, "softmax_backward")
+
+
+def log_softmax_backward(grad_output, output, axis=-1):
+    """Gradient of log_softmax given its output y (log-probabilities): g - exp(y) * sum(g, axis).
+
+    grad_output, output: same shape and dtype (output is log_softmax's result). Returns a new array.
+    """
+    return _softmax_backward(grad_output, output, axis, True, "log_softmax_backward")
 
 
 def cross_entropy(logits, labels):
