@@ -230,50 +230,83 @@ py::object matmul2d(const py::array& a, const py::array& b, const py::object& ou
   return py::none();
 }
 
+// Fills the forward arguments shared by sdpa and sdpa_backward, checking every stride/offset against
+// the arrays' extents.
+template <typename T>
+void fill_sdpa(SdpaArgs<T>& a, const py::array& q, const py::array& k, const py::array& v, const Offsets& q_off,
+               const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t q_rs,
+               int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off, int64_t m_rs, int64_t m_cs,
+               bool causal, double scale) {
+  if (!is_dtype<T>(k)) throw py::type_error("key: dtype does not match query");
+  if (!is_dtype<T>(v)) throw py::type_error("value: dtype does not match query");
+  if (L < 0 || S < 0 || E < 0 || Ev < 0) value_error("sdpa: negative size");
+  const int64_t batch = q_off.size();
+  a.batch = batch, a.L = L, a.S = S, a.E = E, a.Ev = Ev;
+  a.Q = static_cast<const T*>(q.data()), a.q_off = offsets(q_off, batch, "q_off"), a.q_rs = q_rs;
+  a.K = static_cast<const T*>(k.data()), a.k_off = offsets(k_off, batch, "k_off"), a.k_rs = k_rs;
+  a.V = static_cast<const T*>(v.data()), a.v_off = offsets(v_off, batch, "v_off"), a.v_rs = v_rs;
+  auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t r, int64_t cs, int64_t c,
+                  const char* name, int64_t itemsize) {
+    if (batch == 0 || r == 0 || c == 0) return;
+    int64_t omin = INT64_MAX, omax = INT64_MIN;
+    for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
+    if (rs < 0 || cs < 0) value_error(std::string(name) + ": negative strides must be resolved by the caller");
+    check_span(arr, name, omin, omax + (r - 1) * rs + (c - 1) * cs, itemsize);
+  };
+  span(q, a.q_off, q_rs, L, 1, E, "query", sizeof(T));
+  span(k, a.k_off, k_rs, S, 1, E, "key", sizeof(T));
+  span(v, a.v_off, v_rs, S, 1, Ev, "value", sizeof(T));
+  if (!mask.is_none()) {
+    py::array m = mask.cast<py::array>();
+    a.m_off = offsets(m_off, batch, "m_off"), a.m_rs = m_rs, a.m_cs = m_cs;
+    if (m.dtype().is(py::dtype::of<bool>())) {
+      a.bmask = static_cast<const uint8_t*>(m.data());
+      span(m, a.m_off, m_rs, L, m_cs, S, "attn_mask", 1);
+    } else if (is_dtype<T>(m)) {
+      a.fmask = static_cast<const T*>(m.data());
+      span(m, a.m_off, m_rs, L, m_cs, S, "attn_mask", sizeof(T));
+    } else {
+      throw py::type_error("attn_mask: expected bool or the query's dtype");
+    }
+  }
+  a.causal = causal;
+  a.scale = T(scale);
+}
+
 void sdpa(const py::array& q, const py::array& k, const py::array& v, const py::array& out, const Offsets& q_off,
           const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t q_rs,
           int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off, int64_t m_rs, int64_t m_cs,
           bool causal, double scale, const py::object& lse) {
   by_dtype(q, "query", [&](auto t) {
     using T = decltype(t);
-    if (!is_dtype<T>(k)) throw py::type_error("key: dtype does not match query");
-    if (!is_dtype<T>(v)) throw py::type_error("value: dtype does not match query");
-    const int64_t batch = q_off.size();
     SdpaArgs<T> a;
-    a.batch = batch, a.L = L, a.S = S, a.E = E, a.Ev = Ev;
-    a.Q = static_cast<const T*>(q.data()), a.q_off = offsets(q_off, batch, "q_off"), a.q_rs = q_rs;
-    a.K = static_cast<const T*>(k.data()), a.k_off = offsets(k_off, batch, "k_off"), a.k_rs = k_rs;
-    a.V = static_cast<const T*>(v.data()), a.v_off = offsets(v_off, batch, "v_off"), a.v_rs = v_rs;
-    a.O = contig<T>(out, "out", batch * L * Ev, true), a.o_bs = L * Ev;
-    auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t r, int64_t cs, int64_t c,
-                    const char* name, int64_t itemsize) {
-      if (batch == 0 || r == 0 || c == 0) return;
-      int64_t omin = INT64_MAX, omax = INT64_MIN;
-      for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
-      if (rs < 0 || cs < 0) value_error(std::string(name) + ": negative strides must be resolved by the caller");
-      check_span(arr, name, omin, omax + (r - 1) * rs + (c - 1) * cs, itemsize);
-    };
-    span(q, a.q_off, q_rs, L, 1, E, "query", sizeof(T));
-    span(k, a.k_off, k_rs, S, 1, E, "key", sizeof(T));
-    span(v, a.v_off, v_rs, S, 1, Ev, "value", sizeof(T));
-    if (!mask.is_none()) {
-      py::array m = mask.cast<py::array>();
-      a.m_off = offsets(m_off, batch, "m_off"), a.m_rs = m_rs, a.m_cs = m_cs;
-      if (m.dtype().is(py::dtype::of<bool>())) {
-        a.bmask = static_cast<const uint8_t*>(m.data());
-        span(m, a.m_off, m_rs, L, m_cs, S, "attn_mask", 1);
-      } else if (is_dtype<T>(m)) {
-        a.fmask = static_cast<const T*>(m.data());
-        span(m, a.m_off, m_rs, L, m_cs, S, "attn_mask", sizeof(T));
-      } else {
-        throw py::type_error("attn_mask: expected bool or the query's dtype");
-      }
-    }
-    a.causal = causal;
-    a.scale = T(scale);
-    if (!lse.is_none()) a.lse = contig<T>(lse.cast<py::array>(), "lse", batch * L, true);
+    fill_sdpa(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs, causal, scale);
+    a.O = contig<T>(out, "out", a.batch * L * Ev, true), a.o_bs = L * Ev;
+    if (!lse.is_none()) a.lse = contig<T>(lse.cast<py::array>(), "lse", a.batch * L, true);
     py::gil_scoped_release nogil;
     ops<T>().sdpa(a);
+  });
+}
+
+void sdpa_backward(const py::array& q, const py::array& k, const py::array& v, const Offsets& q_off,
+                   const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev,
+                   int64_t q_rs, int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off,
+                   int64_t m_rs, int64_t m_cs, bool causal, double scale, const py::array& d_out,
+                   const py::array& out, const py::array& lse, const py::array& dq, const py::array& dk,
+                   const py::array& dv) {
+  by_dtype(q, "query", [&](auto t) {
+    using T = decltype(t);
+    SdpaBackwardArgs<T> a;
+    fill_sdpa(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs, causal, scale);
+    const int64_t B = a.batch;
+    a.dO = contig<T>(d_out, "grad_output", B * L * Ev);
+    a.Of = contig<T>(out, "output", B * L * Ev);
+    a.lse_in = contig<T>(lse, "lse", B * L);
+    a.dQ = contig<T>(dq, "grad_query", B * L * E, true);
+    a.dK = contig<T>(dk, "grad_key", B * S * E, true);
+    a.dV = contig<T>(dv, "grad_value", B * S * Ev, true);
+    py::gil_scoped_release nogil;
+    ops<T>().sdpa_backward(a);
   });
 }
 
@@ -331,6 +364,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm", &gemm);
   m.def("matmul2d", &matmul2d);
   m.def("sdpa", &sdpa);
+  m.def("sdpa_backward", &sdpa_backward);
   m.def("adam", &adam);
   m.def("build_info", &build_info);
   m.def("set_isa", [](const std::string& name) { return set_isa(name.c_str()); });

@@ -32,6 +32,7 @@ from ._ops import (
     relu,
     relu_backward,
     scaled_dot_product_attention,
+    scaled_dot_product_attention_backward,
     set_cpu_isa,
     set_num_threads,
     softmax,
@@ -42,7 +43,7 @@ __version__: str = _C.__version__
 
 __all__ = [
     "__version__", "info", "matmul", "linear", "relu", "relu_backward", "softmax", "log_softmax",
-    "softmax_backward", "log_softmax_backward", "cross_entropy", "scaled_dot_product_attention", "adam_update",
+    "softmax_backward", "log_softmax_backward", "cross_entropy", "scaled_dot_product_attention", "scaled_dot_product_attention_backward", "adam_update",
     "set_num_threads", "get_num_threads", "cpu_isa", "set_cpu_isa",
 ]
 

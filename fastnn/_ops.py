@@ -388,8 +388,113 @@ def _rows_contiguous(a: np.ndarray) -> np.ndarray:
     return a
 
 
+class _Attention:
+    """Validated, prepared attention operands shared by the forward and backward entry points."""
+
+    def __init__(self, query, key, value, attn_mask, is_causal, scale, enable_gqa):
+        q = _array(query, "query")
+        k = _array(key, "key")
+        v = _array(value, "value")
+        _same_dtype(q, "query", k, "key")
+        _same_dtype(q, "query", v, "value")
+        for a, n in ((q, "query"), (k, "key"), (v, "value")):
+            if a.ndim < 2:
+                raise ValueError(f"{n}: expected at least 2 dimensions (..., length, features), got shape {a.shape}")
+        is_causal = _flag(is_causal, "is_causal")
+        enable_gqa = _flag(enable_gqa, "enable_gqa")
+        L, E = q.shape[-2:]
+        S, Ek = k.shape[-2:]
+        Sv, Ev = v.shape[-2:]
+        if Ek != E:
+            raise ValueError(f"key: feature dimension {Ek} does not match query's {E} (query {q.shape}, key {k.shape})")
+        if Sv != S:
+            raise ValueError(f"value: length {Sv} does not match key's length {S} (key {k.shape}, value {v.shape})")
+        if attn_mask is not None and is_causal:
+            raise ValueError("attn_mask and is_causal: pass one or the other, not both")
+        if scale is None:
+            scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+        else:
+            scale = _real(scale, "scale")
+        group = None
+        qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
+        if enable_gqa:
+            if q.ndim < 3 or k.ndim < 3 or v.ndim < 3:
+                raise ValueError("enable_gqa: query, key and value need a head dimension (..., H, L, E)")
+            hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+            if hk != hv:
+                raise ValueError(f"enable_gqa: key has {hk} heads but value has {hv}")
+            if hk == 0 or hq % hk:
+                raise ValueError(f"enable_gqa: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+            group = hq // hk
+            kb = kb[:-1] + (hq,)
+            vb = vb[:-1] + (hq,)
+        batch = _broadcast_batch([qb, kb, vb], ["query", "key", "value"])
+        if (not enable_gqa and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]
+                and 1 not in (q.shape[-3], k.shape[-3])):
+            raise ValueError(f"query has {q.shape[-3]} heads and key has {k.shape[-3]}: pass enable_gqa=True "
+                             "for grouped-query attention")
+        self.dtype, self.batch, self.L, self.S, self.E, self.Ev = q.dtype, batch, L, S, E, Ev
+        self.nbatch = math.prod(batch)
+        self.causal, self.scale, self.group = is_causal, scale, group
+        self.q_shape, self.k_shape, self.v_shape = q.shape, k.shape, v.shape
+
+        # Kernel layouts: unit stride in the last dim, non-negative strides (copied only if needed).
+        q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+        self.q, self.k, self.v = q, k, v
+        eq, ek, ev = (tuple(s // a.itemsize for s in a.strides) for a in (q, k, v))
+        self.rows = (eq[-2], ek[-2], ev[-2])
+        self.q_off = self._offsets(q, eq, None)
+        self.k_off = self._offsets(k, ek, group)
+        self.v_off = self._offsets(v, ev, group)
+
+        self.mask, self.m_off, self.m_rs, self.m_cs = None, _ZERO_OFFSETS, 0, 0
+        if attn_mask is not None:
+            if not isinstance(attn_mask, np.ndarray):
+                raise TypeError(f"attn_mask: expected a numpy.ndarray, got {type(attn_mask).__name__}")
+            if attn_mask.dtype != np.bool_ and attn_mask.dtype != q.dtype:
+                raise TypeError(f"attn_mask: expected dtype bool or {q.dtype} (the query's), got {attn_mask.dtype}")
+            try:
+                mfull = np.broadcast_to(attn_mask, batch + (L, S))
+            except ValueError:
+                raise ValueError(f"attn_mask: shape {attn_mask.shape} does not broadcast to {batch + (L, S)}") from None
+            mfull, em = _elem_strides(mfull)
+            if any(s < 0 for s in em):
+                mfull = np.ascontiguousarray(mfull)
+                _, em = _elem_strides(mfull)
+            self.mask, self.m_rs, self.m_cs = mfull, em[-2], em[-1]
+            self.m_off = self._offsets(mfull, em, None)
+
+    def _offsets(self, a, estrides, group):
+        nb = a.ndim - 2
+        offs = _batch_offsets(a, estrides, 2, self.batch, (nb - 1, group) if group else None)
+        if offs.size != self.nbatch:
+            offs = np.ascontiguousarray(np.broadcast_to(offs, (self.nbatch,)), dtype=np.int64)
+        return offs
+
+    def empty(self):
+        return self.nbatch == 0 or self.L == 0
+
+    def kernel_args(self):
+        return (self.q, self.k, self.v)
+
+    def reduce_to(self, grad, shape, grouped):
+        """Sums a per-head gradient (batch + core) down to an operand's shape: over the query heads of a
+        GQA group (`grouped`: key and value) and over broadcast batch dimensions."""
+        if grouped and self.group:
+            h = grad.shape[len(self.batch) - 1]
+            grad = grad.reshape(grad.shape[:len(self.batch) - 1] + (h // self.group, self.group) + grad.shape[-2:])
+            grad = grad.sum(axis=len(self.batch))
+        extra = grad.ndim - len(shape)
+        if extra:
+            grad = grad.sum(axis=tuple(range(extra)))
+        axes = tuple(i for i, n in enumerate(shape[:-2]) if n == 1 and grad.shape[i] != 1)
+        if axes:
+            grad = grad.sum(axis=axes, keepdims=True)
+        return np.ascontiguousarray(grad.reshape(shape))
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False):
+                                 scale=None, enable_gqa=False, *, return_lse=False):
     """softmax(query @ key^T * scale + mask) @ value, with PyTorch's semantics, flash-style.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev); leading dimensions
@@ -400,96 +505,62 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale: default 1/sqrt(E). enable_gqa: query (N, Hq, L, E) with key/value (N, Hkv, S, .),
     Hq divisible by Hkv, key/value head h serving query heads h*Hq/Hkv .. (h+1)*Hq/Hkv - 1.
     dropout_p must be 0.0 (dropout is not implemented). A query row with no allowed key gives zeros.
+    return_lse: also return the log-sum-exp of each query row's scaled, masked scores, shape (..., L)
+    (-inf for a row with no allowed key): what scaled_dot_product_attention_backward needs.
     Keys are processed in tiles with an online softmax: no L x S matrix is ever held.
     """
-    q = _array(query, "query")
-    k = _array(key, "key")
-    v = _array(value, "value")
-    _same_dtype(q, "query", k, "key")
-    _same_dtype(q, "query", v, "value")
-    for a, n in ((q, "query"), (k, "key"), (v, "value")):
-        if a.ndim < 2:
-            raise ValueError(f"{n}: expected at least 2 dimensions (..., length, features), got shape {a.shape}")
     dropout_p = _real(dropout_p, "dropout_p")
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p: dropout is not implemented; expected 0.0, got {dropout_p}")
-    is_causal = _flag(is_causal, "is_causal")
-    enable_gqa = _flag(enable_gqa, "enable_gqa")
-    L, E = q.shape[-2:]
-    S, Ek = k.shape[-2:]
-    Sv, Ev = v.shape[-2:]
-    if Ek != E:
-        raise ValueError(f"key: feature dimension {Ek} does not match query's {E} (query {q.shape}, key {k.shape})")
-    if Sv != S:
-        raise ValueError(f"value: length {Sv} does not match key's length {S} (key {k.shape}, value {v.shape})")
-    if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask and is_causal: pass one or the other, not both")
-    if scale is None:
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    else:
-        scale = _real(scale, "scale")
+    return_lse = _flag(return_lse, "return_lse")
+    at = _Attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    out = np.empty(at.batch + (at.L, at.Ev), at.dtype)
+    lse = np.empty(at.batch + (at.L,), at.dtype) if return_lse else None
+    if not at.empty() and out.size:
+        _C.sdpa(*at.kernel_args(), out.reshape(at.nbatch, at.L, at.Ev), at.q_off, at.k_off, at.v_off,
+                at.L, at.S, at.E, at.Ev, *at.rows, at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
+                None if lse is None else lse.reshape(at.nbatch, at.L))
+    elif lse is not None:
+        lse.fill(-np.inf)
+    return (out, lse) if return_lse else out
 
-    q_map = k_map = None
-    qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
-    if enable_gqa:
-        if q.ndim < 3 or k.ndim < 3 or v.ndim < 3:
-            raise ValueError("enable_gqa: query, key and value need a head dimension (..., H, L, E)")
-        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
-        if hk != hv:
-            raise ValueError(f"enable_gqa: key has {hk} heads but value has {hv}")
-        if hk == 0 or hq % hk:
-            raise ValueError(f"enable_gqa: query heads ({hq}) must be a multiple of key/value heads ({hk})")
-        group = hq // hk
-        kb = kb[:-1] + (hq,)
-        vb = vb[:-1] + (hq,)
-        k_map = group
-    batch = _broadcast_batch([qb, kb, vb], ["query", "key", "value"])
-    if (not enable_gqa and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]
-            and 1 not in (q.shape[-3], k.shape[-3])):
-        raise ValueError(f"query has {q.shape[-3]} heads and key has {k.shape[-3]}: pass enable_gqa=True "
-                         "for grouped-query attention")
 
-    out = np.empty(batch + (L, Ev), q.dtype)
-    nbatch = int(np.prod(batch, dtype=np.int64)) if batch else 1
-    if out.size == 0 or nbatch == 0:
-        return out
+def scaled_dot_product_attention_backward(grad_output, query, key, value, output, lse, attn_mask=None,
+                                          is_causal=False, scale=None, enable_gqa=False):
+    """Gradients of scaled_dot_product_attention, flash-style (scores recomputed tile by tile).
 
-    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-    eq, ek, ev = (tuple(s // a.itemsize for s in a.strides) for a in (q, k, v))
-
-    def offsets(a, es, mapped):
-        nb = a.ndim - 2
-        m = (nb - 1, mapped) if mapped else None
-        offs = _batch_offsets(a, es, 2, batch, m)
-        return np.ascontiguousarray(np.broadcast_to(offs, (nbatch,)), dtype=np.int64) if offs.size != nbatch else offs
-
-    q_off, k_off, v_off = offsets(q, eq, None), offsets(k, ek, k_map), offsets(v, ev, k_map)
-
-    mask = None
-    m_off, m_rs, m_cs = _ZERO_OFFSETS, 0, 0
-    if attn_mask is not None:
-        if not isinstance(attn_mask, np.ndarray):
-            raise TypeError(f"attn_mask: expected a numpy.ndarray, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != np.bool_ and attn_mask.dtype != q.dtype:
-            raise TypeError(f"attn_mask: expected dtype bool or {q.dtype} (the query's), got {attn_mask.dtype}")
-        try:
-            mfull = np.broadcast_to(attn_mask, batch + (L, S))
-        except ValueError:
-            raise ValueError(f"attn_mask: shape {attn_mask.shape} does not broadcast to {batch + (L, S)}") from None
-        mfull, em = _elem_strides(mfull)
-        mask = mfull
-        m_rs, m_cs = em[-2], em[-1]
-        m_off = _batch_offsets(mfull, em, 2, batch)
-        if m_off.size != nbatch:
-            m_off = np.ascontiguousarray(np.broadcast_to(m_off, (nbatch,)))
-        if any(s < 0 for s in em):
-            mask = np.ascontiguousarray(mfull)
-            _, em = _elem_strides(mask)
-            m_rs, m_cs = em[-2], em[-1]
-            m_off = _batch_offsets(mask, em, 2, batch)
-    _C.sdpa(q, k, v, out.reshape(nbatch, L, Ev), q_off, k_off, v_off, L, S, E, Ev, eq[-2], ek[-2], ev[-2],
-            mask, m_off, m_rs, m_cs, is_causal, scale, None)
-    return out
+    grad_output and output: (..., L, Ev) (output is the forward's result), lse: (..., L) from the forward
+    with return_lse=True; the other arguments as given to the forward. Returns
+    (grad_query, grad_key, grad_value) shaped like query, key and value (summed over the query heads
+    that share a key/value head with enable_gqa, and over broadcast batch dimensions).
+    Memory beyond the gradients is O(block) per thread; threads take whole (batch, head) pairs.
+    """
+    at = _Attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    oshape = at.batch + (at.L, at.Ev)
+    g = _array(grad_output, "grad_output")
+    o = _array(output, "output")
+    lse = _array(lse, "lse")
+    for x, n in ((g, "grad_output"), (o, "output"), (lse, "lse")):
+        _same_dtype(at.q, "query", x, n)
+    if g.shape != oshape:
+        raise ValueError(f"grad_output: expected shape {oshape} (the forward's output), got {g.shape}")
+    if o.shape != oshape:
+        raise ValueError(f"output: expected shape {oshape} (the forward's output), got {o.shape}")
+    if lse.shape != at.batch + (at.L,):
+        raise ValueError(f"lse: expected shape {at.batch + (at.L,)}, got {lse.shape}")
+    dq = np.zeros(at.batch + (at.L, at.E), at.dtype)
+    dk = np.zeros(at.batch + (at.S, at.E), at.dtype)
+    dv = np.zeros(at.batch + (at.S, at.Ev), at.dtype)
+    if not at.empty() and at.S:
+        nb = at.nbatch
+        _C.sdpa_backward(*at.kernel_args(), at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
+                         at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
+                         np.ascontiguousarray(g).reshape(nb, at.L, at.Ev),
+                         np.ascontiguousarray(o).reshape(nb, at.L, at.Ev),
+                         np.ascontiguousarray(lse).reshape(nb, at.L),
+                         dq.reshape(nb, at.L, at.E), dk.reshape(nb, at.S, at.E), dv.reshape(nb, at.S, at.Ev))
+    return (at.reduce_to(dq, at.q_shape, False), at.reduce_to(dk, at.k_shape, True),
+            at.reduce_to(dv, at.v_shape, True))
 
 
 # ---- Adam -----------------------------------------------------------------------------------------

@@ -129,4 +129,31 @@ inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, int64_t a_rs, i
 }
 
 
+// Whole-operand helpers for small in-cache products (attention tiles): pack every row panel of a
+// rows x kc operand A, every column panel of a kc x cols operand B, and run all micro-tiles of C.
+template <typename T>
+inline void pack_a(const T* A, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, T* dst) {
+  for (int64_t ip = 0; ip * kMR < rows; ++ip)
+    pack_a_panel(A + ip * kMR * a_rs, a_rs, a_cs, std::min<int64_t>(kMR, rows - ip * kMR), kc, dst + ip * kMR * kc);
+}
+
+template <typename T>
+inline void pack_b(const T* B, int64_t b_rs, int64_t b_cs, int64_t kc, int64_t cols, T* dst) {
+  constexpr int64_t NR = kNR<T>;
+  for (int64_t jp = 0; jp * NR < cols; ++jp)
+    pack_b_panel(B + jp * NR * b_cs, b_rs, b_cs, kc, std::min(NR, cols - jp * NR), dst + jp * NR * kc);
+}
+
+// C[rows x cols] (=|+=) Ap * Bp over kc, both packed by pack_a / pack_b.
+template <typename T>
+inline void gemm_packed(const T* Ap, const T* Bp, int64_t rows, int64_t cols, int64_t kc, T* C, int64_t ldc,
+                        bool accumulate) {
+  constexpr int64_t NR = kNR<T>;
+  for (int64_t jp = 0; jp * NR < cols; ++jp)
+    for (int64_t ip = 0; ip * kMR < rows; ++ip)
+      micro_kernel<T>(kc, Ap + ip * kMR * kc, 1, kMR, Bp + jp * NR * kc, C + ip * kMR * ldc + jp * NR, ldc,
+                      std::min<int64_t>(kMR, rows - ip * kMR), std::min(NR, cols - jp * NR), accumulate, nullptr,
+                      false);
+}
+
 }  // namespace fastnn::cpu::FASTNN_ISA

@@ -42,6 +42,19 @@ template <typename T> struct SdpaArgs {
   T* lse = nullptr;  // batch x L, or null
 };
 
+// Attention backward, flash-style (scores recomputed tile by tile from lse). Inputs as in SdpaArgs plus
+// dO and O (batch x L x Ev, contiguous) and lse (batch x L); outputs per head, contiguous:
+// dQ (batch x L x E), dK (batch x S x E), dV (batch x S x Ev). Heads sharing key/value (GQA, broadcast)
+// get separate dK/dV here; the caller sums them.
+template <typename T> struct SdpaBackwardArgs : SdpaArgs<T> {
+  const T* dO = nullptr;
+  const T* Of = nullptr;
+  const T* lse_in = nullptr;
+  T* dQ = nullptr;
+  T* dK = nullptr;
+  T* dV = nullptr;
+};
+
 // One fused torch.optim.Adam step over n contiguous elements, in place.
 template <typename T> struct AdamArgs {
   int64_t n = 0;
@@ -66,6 +79,7 @@ template <typename T> struct OpTable {
   void (*gemm)(const GemmArgs<T>& args);
   void (*gemm_naive)(const GemmArgs<T>& args);  // the plain triple loop, for tests
   void (*sdpa)(const SdpaArgs<T>& args);
+  void (*sdpa_backward)(const SdpaBackwardArgs<T>& args);
   void (*adam)(const AdamArgs<T>& args);
 };
 

@@ -13,6 +13,7 @@ template <typename T>
 double cross_entropy(const T* logits, const int64_t* labels, T* grad, int64_t rows, int64_t cols, T grad_scale);
 template <typename T> void gemm(const GemmArgs<T>& args);
 template <typename T> void sdpa(const SdpaArgs<T>& args);
+template <typename T> void sdpa_backward(const SdpaBackwardArgs<T>& args);
 template <typename T> void adam(const AdamArgs<T>& args);
 
 // The plainest correct GEMM (triple loop), kept beside the packed one: tests compare both.

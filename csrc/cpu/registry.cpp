@@ -14,6 +14,7 @@ template <typename T> static OpTable<T> make_table() {
   t.gemm = gemm<T>;
   t.gemm_naive = gemm_naive<T>;
   t.sdpa = sdpa<T>;
+  t.sdpa_backward = sdpa_backward<T>;
   t.adam = adam<T>;
   return t;
 }
