@@ -29,10 +29,12 @@ template <typename F> inline void parallel_for(int64_t n, int64_t grain, F&& f) 
   f(0, n);
 }
 
-// Like parallel_for but hands out items one at a time (dynamic schedule) for uneven work (causal attention).
-template <typename F> inline void parallel_items(int64_t n, F&& f) {
+// Hands out items one at a time (dynamic schedule) for uneven work (causal attention) to exactly
+// min(nt, n) threads: callers that keep one workspace per thread pass the nt they allocated for, so a
+// concurrent set_num_threads cannot make thread_index() outrun the workspaces.
+template <typename F> inline void parallel_items(int64_t n, int64_t nt, F&& f) {
   if (n <= 0) return;
-  int64_t nt = std::min<int64_t>(num_threads(), n);
+  nt = std::max<int64_t>(1, std::min<int64_t>(nt, n));
 #ifdef _OPENMP
   if (nt > 1 && !omp_in_parallel()) {
 #pragma omp parallel for num_threads(static_cast<int>(nt)) schedule(dynamic, 1)

@@ -160,7 +160,7 @@ template <typename T> void sdpa(const SdpaArgs<T>& a) {
   // Workspaces are allocated here, outside the parallel region (bad_alloc must reach Python).
   std::vector<std::unique_ptr<SdpaWorkspace<T>>> ws;
   for (int64_t t = 0; t < nt; ++t) ws.emplace_back(new SdpaWorkspace<T>(a.E, a.Ev));
-  parallel_items(tasks, [&](int64_t t) {
+  parallel_items(tasks, nt, [&](int64_t t) {
     // Largest blocks first when causal: later query blocks see more keys.
     const int64_t qb = a.causal ? qblocks - 1 - t % qblocks : t % qblocks;
     sdpa_block(a, t / qblocks, qb * kBq, *ws[thread_index()]);
@@ -286,7 +286,7 @@ template <typename T> void sdpa_backward(const SdpaBackwardArgs<T>& a) {
   const int64_t nt = std::min<int64_t>(num_threads(), a.batch);
   std::vector<std::unique_ptr<SdpaBackwardWorkspace<T>>> ws;
   for (int64_t t = 0; t < nt; ++t) ws.emplace_back(new SdpaBackwardWorkspace<T>(a.L, a.E, a.Ev));
-  parallel_items(a.batch, [&](int64_t b) { sdpa_backward_head(a, b, *ws[thread_index()]); });
+  parallel_items(a.batch, nt, [&](int64_t b) { sdpa_backward_head(a, b, *ws[thread_index()]); });
 }
 
 template void sdpa_backward<float>(const SdpaBackwardArgs<float>&);

@@ -4,6 +4,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #if defined(FASTNN_ISA_avx512)
 #define FASTNN_VEC_BYTES 64
@@ -19,13 +22,17 @@
 namespace fastnn::cpu::FASTNN_ISA {
 
 template <typename T> struct VecTraits;
+// V: the register type (naturally aligned); U: the same vector at element alignment, for unaligned
+// loads and stores straight from/to memory (may_alias: it reads arrays of T).
 template <> struct VecTraits<float> {
-  typedef float V __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(4)));
-  typedef int32_t I __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(4)));
+  typedef float V __attribute__((vector_size(FASTNN_VEC_BYTES)));
+  typedef float U __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(4), may_alias));
+  typedef int32_t I __attribute__((vector_size(FASTNN_VEC_BYTES)));
 };
 template <> struct VecTraits<double> {
-  typedef double V __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(8)));
-  typedef int64_t I __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(8)));
+  typedef double V __attribute__((vector_size(FASTNN_VEC_BYTES)));
+  typedef double U __attribute__((vector_size(FASTNN_VEC_BYTES), aligned(8), may_alias));
+  typedef int64_t I __attribute__((vector_size(FASTNN_VEC_BYTES)));
 };
 
 template <typename T> using Vec = typename VecTraits<T>::V;
@@ -35,11 +42,9 @@ template <typename T> constexpr int64_t kLanes = FASTNN_VEC_BYTES / sizeof(T);
 // Broadcast. (x - 0 is an exact identity, so it folds to a plain broadcast; 0 + x would not: -0.)
 template <typename T> FASTNN_INLINE Vec<T> vset(T x) { return x - Vec<T>{}; }
 template <typename T> FASTNN_INLINE Vec<T> vload(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return *reinterpret_cast<const typename VecTraits<T>::U*>(p);
 }
-template <typename T> FASTNN_INLINE void vstore(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename T> FASTNN_INLINE void vstore(T* p, Vec<T> v) { *reinterpret_cast<typename VecTraits<T>::U*>(p) = v; }
 // Partial load of n < lanes elements; the rest of the vector is `fill`.
 template <typename T> FASTNN_INLINE Vec<T> vload_part(const T* p, int64_t n, T fill) {
   Vec<T> v = vset<T>(fill);
@@ -49,6 +54,36 @@ template <typename T> FASTNN_INLINE Vec<T> vload_part(const T* p, int64_t n, T f
 template <typename T> FASTNN_INLINE void vstore_part(T* p, Vec<T> v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 }
+// Non-temporal (cache-bypassing) store of a full vector to an address aligned to the vector size, and the
+// fence that orders such stores before the kernel returns. Plain stores where the ISA has none.
+FASTNN_INLINE void vstore_stream(float* p, Vec<float> v) {
+#if defined(FASTNN_ISA_avx512)
+  _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+#elif defined(FASTNN_ISA_avx2)
+  _mm256_stream_ps(p, reinterpret_cast<__m256&>(v));
+#elif defined(__SSE2__)
+  _mm_stream_ps(p, reinterpret_cast<__m128&>(v));
+#else
+  vstore(p, v);
+#endif
+}
+FASTNN_INLINE void vstore_stream(double* p, Vec<double> v) {
+#if defined(FASTNN_ISA_avx512)
+  _mm512_stream_pd(p, reinterpret_cast<__m512d&>(v));
+#elif defined(FASTNN_ISA_avx2)
+  _mm256_stream_pd(p, reinterpret_cast<__m256d&>(v));
+#elif defined(__SSE2__)
+  _mm_stream_pd(p, reinterpret_cast<__m128d&>(v));
+#else
+  vstore(p, v);
+#endif
+}
+FASTNN_INLINE void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // The helpers below take the vector type itself (V = Vec<float> or Vec<double>): Vec<T> is not deducible.
 // max/min that keep a NaN in `a` (a < b is false for NaN).
 template <typename V> FASTNN_INLINE V vmax(V a, V b) { return a < b ? b : a; }
