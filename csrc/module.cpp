@@ -330,6 +330,40 @@ void adam(const py::array& param, const py::array& grad, const py::array& exp_av
   });
 }
 
+// Measures the machine's limits with the ISA path in use: FMA peak (float32/float64) and the memory
+// bandwidth of the copy, in-place and Adam access patterns on ~256 MiB (far beyond the caches).
+py::dict machine_limits(int threads, bool quick) {
+  if (threads < 1) value_error("threads: expected >= 1");
+  const KernelTable& k = kernels();
+  const int64_t bytes = int64_t(quick ? 128 : 256) << 20;
+  const int reps = quick ? 2 : 4;
+  double pf, pd, copy, rw, adam;
+  {
+    py::gil_scoped_release nogil;
+    pf = k.probe_peak_gflops(threads, false);
+    pd = k.probe_peak_gflops(threads, true);
+    copy = k.probe_bandwidth_gbs(0, threads, bytes, reps);
+    rw = k.probe_bandwidth_gbs(1, threads, bytes, reps);
+    adam = k.probe_bandwidth_gbs(2, threads, bytes, reps);
+  }
+  py::dict d;
+  d["peak_gflops_f32"] = pf;
+  d["peak_gflops_f64"] = pd;
+  d["mem_copy_gbs"] = copy;
+  d["mem_rw_gbs"] = rw;
+  d["mem_adam_gbs"] = adam;
+  d["threads"] = threads;
+  py::dict src;
+  const std::string isa = k.isa;
+  src["peak_gflops_f32"] = "native FMA probe (" + isa + ")";
+  src["peak_gflops_f64"] = "native FMA probe (" + isa + ")";
+  src["mem_copy_gbs"] = "native copy probe, " + std::to_string(bytes >> 20) + " MiB";
+  src["mem_rw_gbs"] = "native in-place probe, " + std::to_string(bytes >> 20) + " MiB";
+  src["mem_adam_gbs"] = "native 4-read/3-write probe, " + std::to_string(bytes >> 20) + " MiB";
+  d["source"] = src;
+  return d;
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = FASTNN_VERSION;
@@ -367,6 +401,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("sdpa_backward", &sdpa_backward);
   m.def("adam", &adam);
   m.def("build_info", &build_info);
+  m.def("machine_limits", &machine_limits, py::arg("threads"), py::arg("quick") = false);
   m.def("set_isa", [](const std::string& name) { return set_isa(name.c_str()); });
   m.def("isa", []() { return std::string(isa_in_use()); });
   m.def("isa_supported", []() { return std::string(isa_supported()); });

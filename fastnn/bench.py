@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -365,7 +364,7 @@ def adam_case(n) -> Case:
         "adam", f"{n // 10**6}M params" if n % 10**6 == 0 else f"{n} params", inputs=inputs,
         impls={"fastnn": fastnn_impl, "numpy": numpy_impl, "torch": torch_impl},
         expected=expected, error=error, tol=1e-3,
-        work=7.0 * 4 * n, unit="byte", limit="mem_rw_gbs",
+        work=7.0 * 4 * n, unit="byte", limit="mem_adam_gbs",
         formula="4 arrays read + 3 written, 4 bytes each", notes="in place")
 
 
@@ -518,136 +517,17 @@ def time_call(fn, budget=0.5, min_samples=5, max_samples=1000, first=None) -> Ti
 # --------------------------------------------------------------------------------------------------
 # Machine limits
 
-def _parallel(fn, chunks):
-    """Run fn(chunk) for every chunk at once, one Python thread each (NumPy releases the GIL in its
-    copy and ufunc loops), and return the wall time until the last one ends."""
-    threads = [threading.Thread(target=fn, args=(c,)) for c in chunks]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start
-
-
-def python_limits(threads, quick=False) -> dict:
-    """Limits measured from Python with NumPy and fastnn, `threads` at once.
-
-    mem_copy_gbs: np.copyto between two 256 MiB float32 arrays (bytes read + written / time), far
-    beyond any L3. mem_rw_gbs: np.negative in place on 256 MiB (read + write of the same array).
-    peak_gflops_f32: NOT a true FMA peak (Python cannot run an FMA loop) but `peak_lower_bound`, from
-    the sgemm of NumPy and fastnn, so "% of limit" against it is an upper bound (and can pass 100%);
-    a native probe replaces it (see `machine_limits`).
-    """
-    reps = 2 if quick else 4
-    n = 64 * 2**20                                    # 256 MiB of float32
-    src = np.ones(n, F32)
-    dst = np.zeros(n, F32)                            # zeros, then a first copy: pages are mapped
-    pairs = list(zip(np.array_split(src, threads), np.array_split(dst, threads)))
-    copy = lambda pair: np.copyto(pair[1], pair[0])
-    _parallel(copy, pairs)
-    t_copy = min(_parallel(copy, pairs) for _ in range(reps))
-    halves = np.array_split(dst, threads)
-    negate = lambda a: np.negative(a, out=a)
-    _parallel(negate, halves)
-    t_rw = min(_parallel(negate, halves) for _ in range(reps))
-    del src, dst, pairs, halves
-
-    gflops = peak_lower_bound(threads, calls=3 if quick else 10)
-    return {
-        "threads": threads,
-        "mem_copy_gbs": 2 * 4 * n / t_copy / 1e9,
-        "mem_rw_gbs": 2 * 4 * n / t_rw / 1e9,
-        "peak_gflops_f32": gflops,
-        "peak_gflops_f64": gflops / 2,
-        "source": {
-            "mem_copy_gbs": "np.copyto 256 MiB float32, one Python thread per fastnn thread",
-            "mem_rw_gbs": "np.negative in place on 256 MiB float32",
-            "peak_gflops_f32": "lower bound: best NumPy/fastnn in-cache sgemm, or cores x its one-thread "
-                               "figure (no FMA probe yet)",
-            "peak_gflops_f64": "half the float32 figure (assumed)",
-        },
-    }
-
-
-# In-cache sgemm shapes (M, K, N) for the peak lower bound: large enough for the packed kernels to run
-# at speed, small enough (<= 3 MiB of operands) to stay in L2/L3.
-PEAK_PROBE_SHAPES = ((256, 256, 256), (512, 512, 512), (256, 1024, 256))
-
-
-def _sgemm_gflops(calls) -> float:
-    """The best GFLOP/s of NumPy's and fastnn's matmul over PEAK_PROBE_SHAPES."""
-    rng = np.random.default_rng(0)
-    best = 0.0
-    for m, k, n in PEAK_PROBE_SHAPES:
-        a, b, c = _randn(rng, (m, k)), _randn(rng, (k, n)), np.empty((m, n), F32)
-        for fn in (np.matmul, fastnn.matmul):
-            try:
-                fn(a, b, out=c)
-            except Exception:
-                continue
-            settle()
-            samples = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                for _ in range(5):
-                    fn(a, b, out=c)
-                samples.append((time.perf_counter() - start) / 5)
-            best = max(best, 2.0 * m * k * n / min(samples) / 1e9)
-    return best
-
-
-def _physical_cores() -> int:
-    """Distinct (package, core) pairs among the CPUs this process may run on (SMT siblings share
-    their core's FMA units); os.cpu_count() where sysfs does not say."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
-        try:
-            with open(base + "physical_package_id") as p, open(base + "core_id") as c:
-                cores.add((p.read().strip(), c.read().strip()))
-        except OSError:
-            return len(cpus)
-    return len(cores) or len(cpus)
-
-
-def peak_lower_bound(threads, calls=10) -> float:
-    """A lower bound of the float32 FMA peak of `threads` threads, in GFLOP/s: the best in-cache sgemm
-    on `threads` threads, or the one-thread figure times the cores used (FMA units are per core, and
-    a one-thread sgemm is not slowed by the memory bandwidth two threads share), whichever is higher.
-    Leaves fastnn and NumPy's BLAS on `threads` threads."""
-    try:
-        fastnn.set_num_threads(1)
-        blas_info(1)
-        one = _sgemm_gflops(calls)
-    finally:
-        fastnn.set_num_threads(threads)
-        blas_info(threads)
-    many = _sgemm_gflops(calls) if threads > 1 else one
-    return max(many, one * min(threads, _physical_cores()))
-
-
 def machine_limits(threads=None, quick=False) -> dict:
-    """What this machine can do, as a dict: peak_gflops_f32, peak_gflops_f64 (GFLOP/s), mem_copy_gbs,
-    mem_rw_gbs (GB/s), threads, and source (how each figure was obtained).
-
-    Measured in Python by `python_limits`; when the compiled module offers a native probe,
-    `fastnn._C.machine_limits(threads)` returning any of these keys, its figures replace Python's.
-    """
+    """What this machine can do, measured by the compiled probes on the ISA path in use: peak_gflops_f32
+    and peak_gflops_f64 (independent register FMA chains on every thread), mem_copy_gbs, mem_rw_gbs
+    (in place) and mem_adam_gbs (4 reads / 3 writes), on arrays far beyond the last-level cache;
+    plus threads and source (how each figure was obtained)."""
     threads = threads or fastnn.get_num_threads()
-    limits = python_limits(threads, quick)
-    native = getattr(getattr(fastnn, "_C", None), "machine_limits", None)
-    if native is not None:
-        measured = dict(native(threads))
-        limits["source"].update({k: "native probe" for k in measured if k != "source"})
-        limits["source"].update(measured.pop("source", {}))
-        limits.update(measured)
-    return limits
+    return dict(fastnn._C.machine_limits(threads, quick))
 
 
 LIMIT_NAMES = {"peak_gflops_f32": "peak", "peak_gflops_f64": "peak", "mem_copy_gbs": "copy",
-               "mem_rw_gbs": "rw"}
+               "mem_rw_gbs": "rw", "mem_adam_gbs": "adam"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -858,8 +738,8 @@ def format_report(results: dict) -> str:
         f"NumPy {results['numpy']} ({blas.get('library')} {blas.get('core') or ''}, "
         f"{_plural(blas.get('threads'), 'thread')}); PyTorch {torch if torch else 'not importable'}",
         f"CPU: {results['machine']['processor']}; limits ({_plural(lim['threads'], 'thread')}): "
-        f"peak >= {lim['peak_gflops_f32']:.0f} GFLOP/s float32 (sgemm lower bound unless a native "
-        f"probe ran), copy {lim['mem_copy_gbs']:.1f} GB/s, in-place rw {lim['mem_rw_gbs']:.1f} GB/s",
+        f"FMA peak {lim['peak_gflops_f32']:.0f} GFLOP/s float32, memory: copy {lim['mem_copy_gbs']:.1f} GB/s, "
+        f"in place {lim['mem_rw_gbs']:.1f} GB/s, Adam 4r/3w {lim['mem_adam_gbs']:.1f} GB/s",
     ]
     env = blas.get("env")
     if env:
@@ -868,9 +748,9 @@ def format_report(results: dict) -> str:
     lines += ["", format_table(results["rows"], with_torch=bool(torch)), ""]
     lines.append("Times are medians per call. GFLOP/s: matmul and linear 2*B*M*N*K; sdpa 4*B*H*L*S*E "
                  "(causal: L*S -> L*(L+1)/2). GB/s: bytes read + written once. % limit: of the "
-                 "float32 peak (a lower bound, so % is an upper bound), the copy or the in-place "
-                 "read+write bandwidth measured on 256 MiB (arrays of 64 MiB, twice a 32 MiB L3, "
-                 "partly stay in cache and can pass 100%). vs numpy / vs torch: their time / "
+                 "float32 FMA peak, or of the copy / in-place / Adam-pattern bandwidth, all measured by the "
+                 "native probes at start (memory on 256 MiB; arrays of 64 MiB, twice a 32 MiB L3, partly "
+                 "stay in cache and can pass 100%). vs numpy / vs torch: their time / "
                  "fastnn's (> 1: fastnn faster). check: fastnn's relative error against the "
                  "float64 oracle.")
     failed = [r for r in results["rows"] if r["failures"]]

@@ -18,8 +18,10 @@ template <typename T, typename F>
 static inline void map_range(const T* x0, const T* x1, T* y, int64_t b, int64_t e, bool stream, F f) {
   constexpr int64_t W = kLanes<T>;
   int64_t i = b;
+  // Peel to a vector-aligned output: NumPy's buffers are 16-byte aligned, and a misaligned 64-byte
+  // access splits a cache line every time (the inputs, allocated alike, usually align with it).
+  for (; i < e && (reinterpret_cast<uintptr_t>(y + i) % sizeof(Vec<T>)); ++i) y[i] = f(x0[i], x1 ? x1[i] : T(0));
   if (stream) {
-    for (; i < e && (reinterpret_cast<uintptr_t>(y + i) % sizeof(Vec<T>)); ++i) y[i] = f(x0[i], x1 ? x1[i] : T(0));
     for (; i + 2 * W <= e; i += 2 * W) {
       const Vec<T> a0 = vload(x0 + i), a1 = vload(x0 + i + W);
       const Vec<T> b0 = x1 ? vload(x1 + i) : Vec<T>{}, b1 = x1 ? vload(x1 + i + W) : Vec<T>{};
@@ -28,7 +30,6 @@ static inline void map_range(const T* x0, const T* x1, T* y, int64_t b, int64_t 
     }
   }
   for (; i + 4 * W <= e; i += 4 * W) {
-    __builtin_prefetch(x0 + i + 1024, 0, 0);
     Vec<T> r[4];
     for (int u = 0; u < 4; ++u) r[u] = f(vload(x0 + i + u * W), x1 ? vload(x1 + i + u * W) : Vec<T>{});
     for (int u = 0; u < 4; ++u) vstore(y + i + u * W, r[u]);

@@ -87,6 +87,9 @@ struct KernelTable {
   const char* isa;
   OpTable<float> f32;
   OpTable<double> f64;
+  // Machine-limit probes (probe.cpp), for the benchmark.
+  double (*probe_peak_gflops)(int threads, bool f64);
+  double (*probe_bandwidth_gbs)(int pattern, int threads, int64_t bytes, int reps);
 };
 
 // Defined once per compiled ISA unit (registry.cpp).

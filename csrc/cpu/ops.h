@@ -16,6 +16,9 @@ template <typename T> void sdpa(const SdpaArgs<T>& args);
 template <typename T> void sdpa_backward(const SdpaBackwardArgs<T>& args);
 template <typename T> void adam(const AdamArgs<T>& args);
 
+double probe_peak_gflops(int threads, bool f64);
+double probe_bandwidth_gbs(int pattern, int threads, int64_t bytes, int reps);
+
 // The plainest correct GEMM (triple loop), kept beside the packed one: tests compare both.
 template <typename T> void gemm_naive(const GemmArgs<T>& args);
 

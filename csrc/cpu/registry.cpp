@@ -23,7 +23,8 @@ template <typename T> static OpTable<T> make_table() {
 #define FASTNN_STR(x) FASTNN_STR2(x)
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{FASTNN_STR(FASTNN_ISA), make_table<float>(), make_table<double>()};
+  static const KernelTable table{FASTNN_STR(FASTNN_ISA), make_table<float>(), make_table<double>(),
+                                 probe_peak_gflops, probe_bandwidth_gbs};
   return table;
 }
 
