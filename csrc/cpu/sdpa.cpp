@@ -21,7 +21,7 @@ template <typename T> constexpr int64_t kBc = 4 * kNR<T>;  // keys per block: wh
 
 template <typename T> struct SdpaWorkspace {
   int64_t e_pad, ev_pad;
-  AlignedBuffer qp, kp, s, pp, vp, o;
+  AlignedBuffer qp, kp, s, vp, o;
   std::vector<T> m, l;
   SdpaWorkspace(int64_t E, int64_t Ev)
       : e_pad(std::max<int64_t>(E, 1)),
@@ -29,22 +29,25 @@ template <typename T> struct SdpaWorkspace {
         qp(sizeof(T) * kBq * e_pad),
         kp(sizeof(T) * kBc<T> * e_pad),
         s(sizeof(T) * kBq * kBc<T>),
-        pp(sizeof(T) * kBq * kBc<T>),
         vp(sizeof(T) * kBc<T> * ev_pad),
         o(sizeof(T) * kBq * ev_pad),
         m(kBq),
-        l(kBq) {}
+        l(kBq) {
+    // Rows of the last A panel past the block's queries are read (never stored): keep them finite.
+    std::fill(static_cast<T*>(s.p), static_cast<T*>(s.p) + kBq * kBc<T>, T(0));
+  }
 };
 
-// Scales the scores tile s (bq x bc, row stride lds) of queries q0.. and keys k0.. of head b, and applies
-// the causal rule and the mask: disallowed scores become -inf, a float mask is added.
+// Applies the causal rule and the mask to the scores tile s (bq x bc, row stride lds) of queries q0..
+// and keys k0.. of head b: disallowed scores become -inf, a float mask is added. (The scale is already
+// in the scores: Q is scaled when it is packed, see pack_scaled_q.)
 template <typename T>
 void mask_scores(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, T* s, int64_t lds) {
   const T ninf = -std::numeric_limits<T>::infinity();
+  if (!a.causal && !a.fmask && !a.bmask) return;
   for (int64_t i = 0; i < bq; ++i, s += lds) {
     const int64_t qi = q0 + i;
     const int64_t jend = a.causal ? std::max<int64_t>(0, std::min(bc, qi - k0 + 1)) : bc;
-    for (int64_t j = 0; j < jend; ++j) s[j] *= a.scale;
     for (int64_t j = jend; j < bc; ++j) s[j] = ninf;
     if (a.fmask || a.bmask) {
       const int64_t mo = a.m_off[b] + qi * a.m_rs + k0 * a.m_cs;
@@ -58,6 +61,30 @@ void mask_scores(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_
   }
 }
 
+// Packs rows [0, bq) of Q (row stride q_rs) as A panels over kc = E, multiplied by the scale.
+template <typename T> void pack_scaled_q(const SdpaArgs<T>& a, const T* Q, int64_t bq, T* Qp) {
+  pack_a(Q, a.q_rs, int64_t(1), bq, a.E, Qp);
+  const int64_t n = round_up(bq, kMR) * a.E;
+  for (int64_t i = 0; i < n; ++i) Qp[i] *= a.scale;
+}
+
+// Row max that propagates NaN: a NaN score must make the row NaN, not look like "no allowed key".
+template <typename T> T row_nanmax(const T* s, int64_t n, T init) {
+  constexpr int64_t W = kLanes<T>;
+  int64_t j = 0;
+  T m = init;
+  if (n >= W) {
+    Vec<T> mv = vset<T>(init);
+    for (; j + W <= n; j += W) {
+      const Vec<T> v = vload(s + j);
+      mv = (v > mv) | (v != v) ? v : mv;
+    }
+    for (int64_t t = 0; t < W; ++t) m = (mv[t] > m || mv[t] != mv[t]) ? mv[t] : m;
+  }
+  for (; j < n; ++j) m = (s[j] > m || s[j] != s[j]) ? s[j] : m;
+  return m;
+}
+
 template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q0, SdpaWorkspace<T>& ws) {
   constexpr int64_t NR = kNR<T>, Bc = kBc<T>, W = kLanes<T>;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -69,14 +96,13 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
   T* Qp = static_cast<T*>(ws.qp.p);
   T* Kp = static_cast<T*>(ws.kp.p);
   T* Sb = static_cast<T*>(ws.s.p);
-  T* Pp = static_cast<T*>(ws.pp.p);
   T* Vp = static_cast<T*>(ws.vp.p);
   T* Ob = static_cast<T*>(ws.o.p);
   const int64_t ldo = ws.ev_pad;
   T* m = ws.m.data();
   T* l = ws.l.data();
 
-  pack_a(Q, a.q_rs, int64_t(1), bq, E, Qp);
+  pack_scaled_q(a, Q, bq, Qp);
   std::fill(Ob, Ob + kBq * ldo, T(0));
   std::fill(m, m + kBq, ninf);
   std::fill(l, l + kBq, T(0));
@@ -85,37 +111,32 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
   const int64_t s_end = a.causal ? std::min(S, q0 + bq) : S;
   for (int64_t k0 = 0; k0 < s_end; k0 += Bc) {
     const int64_t bc = std::min(Bc, s_end - k0);
-    // Scores: Sb[i][j] = q_i . k_j (B operand element (e, j) = K[j][e]), then scaled and masked.
+    // Scores: Sb[i][j] = scale * q_i . k_j (B operand element (e, j) = K[j][e]), then masked.
     pack_b(K + k0 * a.k_rs, int64_t(1), a.k_rs, E, bc, Kp);
     gemm_packed(Qp, Kp, bq, bc, E, Sb, Bc, false);
     mask_scores(a, b, q0, bq, k0, bc, Sb, Bc);
+    // Online softmax: Sb becomes P = exp(s - m_new) in place (row-major), l and O are rescaled.
     for (int64_t i = 0; i < bq; ++i) {
       T* s = Sb + i * Bc;
-      // Row max that propagates NaN (a NaN score must make the row NaN, not look like "no key").
-      auto nanmax = [](T x, T y) { return (y != y || y > x) ? y : x; };
-      T mx = ninf;
-      for (int64_t j = 0; j < bc; ++j) mx = nanmax(mx, s[j]);
-      const T m_new = nanmax(m[i], mx);
-      T* p = Pp + (i / kMR) * kMR * Bc + (i % kMR);  // P packed as A panels: (row i, key j) at j * kMR
+      const T m_new = row_nanmax(s, bc, m[i]);
       if (m_new == ninf) {  // nothing allowed yet for this row
-        for (int64_t j = 0; j < Bc; ++j) p[j * kMR] = T(0);
+        std::fill(s, s + bc, T(0));
         continue;
       }
       const T alpha = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first allowed block
-      T sum = 0;
-      int64_t j = 0;
       const Vec<T> mv = vset<T>(m_new);
+      Vec<T> acc{};
+      int64_t j = 0;
       for (; j + W <= bc; j += W) {
-        Vec<T> e = vexp(vload(s + j) - mv);
-        for (int64_t t = 0; t < W; ++t) p[(j + t) * kMR] = e[t];
-        sum += hsum(e);
+        const Vec<T> e = vexp(vload(s + j) - mv);
+        vstore(s + j, e);
+        acc += e;
       }
+      T sum = hsum(acc);
       for (; j < bc; ++j) {
-        const T e = std::exp(s[j] - m_new);
-        p[j * kMR] = e;
-        sum += e;
+        s[j] = std::exp(s[j] - m_new);
+        sum += s[j];
       }
-      for (; j < Bc; ++j) p[j * kMR] = T(0);
       l[i] = l[i] * alpha + sum;
       m[i] = m_new;
       if (alpha != T(1)) {
@@ -123,20 +144,12 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
         for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha;
       }
     }
-    for (int64_t i = bq; i < round_up(bq, kMR); ++i) {  // padded rows of the last panel
-      T* p = Pp + (i / kMR) * kMR * Bc + (i % kMR);
-      for (int64_t j = 0; j < Bc; ++j) p[j * kMR] = T(0);
-    }
-    // O += P V over this key block (kc = Bc; keys past bc have p = 0 and zero-padded V rows).
-    const int64_t vpanels = (Ev + NR - 1) / NR;
-    for (int64_t cp = 0; cp < vpanels; ++cp) {
-      T* dst = Vp + cp * NR * Bc;
-      pack_b_panel(V + k0 * a.v_rs + cp * NR, a.v_rs, int64_t(1), bc, std::min(NR, Ev - cp * NR), dst);
-      std::fill(dst + bc * NR, dst + Bc * NR, T(0));
-    }
-    for (int64_t cp = 0; cp < vpanels; ++cp)
+    // O += P V over this key block (kc = bc). P is read in place as a row-major A operand; the rows of
+    // the last panel past bq hold stale finite values whose results are never stored.
+    pack_b(V + k0 * a.v_rs, a.v_rs, int64_t(1), bc, Ev, Vp);
+    for (int64_t cp = 0; cp * NR < Ev; ++cp)
       for (int64_t ip = 0; ip * kMR < bq; ++ip)
-        micro_kernel<T>(Bc, Pp + ip * kMR * Bc, 1, kMR, Vp + cp * NR * Bc, Ob + ip * kMR * ldo + cp * NR, ldo,
+        micro_kernel<T>(bc, Sb + ip * kMR * Bc, Bc, 1, Vp + cp * NR * bc, Ob + ip * kMR * ldo + cp * NR, ldo,
                         std::min<int64_t>(kMR, bq - ip * kMR), std::min(NR, Ev - cp * NR), true, nullptr, false);
   }
   T* out = a.O + b * a.o_bs + q0 * Ev;
@@ -244,7 +257,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
     const int64_t q_first = a.causal ? (std::min(k0, L) / kBq) * kBq : 0;
     for (int64_t q0 = q_first; q0 < L; q0 += kBq) {
       const int64_t bq = std::min(kBq, L - q0);
-      pack_a(Q + q0 * a.q_rs, a.q_rs, int64_t(1), bq, E, Qp);
+      pack_scaled_q<T>(a, Q + q0 * a.q_rs, bq, Qp);
       gemm_packed(Qp, Kt, bq, bc, E, P, Bc, false);
       mask_scores<T>(a, b, q0, bq, k0, bc, P, Bc);
       pack_a(dO + q0 * Ev, Ev, int64_t(1), bq, Ev, dOp);
