@@ -4,11 +4,14 @@
 compiled extension (unless it was built in place by tools/dev_build.sh). Then the root is dropped from
 sys.path so that the tests exercise the installed package, as users get it.
 """
+import importlib.machinery
 import os
 import sys
 
 _root = os.path.dirname(os.path.abspath(__file__))
-_built_in_place = any(f.startswith("_C.") for f in os.listdir(os.path.join(_root, "fastnn")))
+# The compiled module itself (fastnn/_C.pyi, the type stub, is not one).
+_built_in_place = any(f.startswith("_C.") and f.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+                      for f in os.listdir(os.path.join(_root, "fastnn")))
 if not _built_in_place:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     if "fastnn" in sys.modules and os.path.dirname(getattr(sys.modules["fastnn"], "__file__", "") or "") == os.path.join(_root, "fastnn"):
