@@ -11,7 +11,7 @@ import numpy as np
 __all__ = [
     "matmul", "linear", "relu", "relu_backward", "softmax", "log_softmax",
     "softmax_backward", "cross_entropy", "scaled_dot_product_attention",
-    "adam_update",
+    "adam_update", "linear_backward", "scaled_dot_product_attention_backward",
 ]
 
 
@@ -89,14 +89,16 @@ def cross_entropy(logits, labels):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, scale=None, enable_gqa=False):
+                                 is_causal=False, scale=None, enable_gqa=False, *,
+                                 return_lse=False):
     """softmax(q @ k^T * scale + mask) @ v with PyTorch's semantics.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev);
     leading dims broadcast. Bool mask: True = may attend; float mask: added.
     is_causal: tril(ones(L, S)), aligned top-left. enable_gqa: key/value heads
     (axis -3) are repeated to match query heads. A row with no allowed key
-    gives zeros.
+    gives zeros. return_lse: also return log(sum(exp(scores))) per query row,
+    shape (..., L) (-inf for a row with no allowed key).
     """
     q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
     if dropout_p != 0.0:
@@ -124,8 +126,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     m = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
     dead = m == -np.inf
     p = np.exp(scores - np.where(dead, 0, m))
-    p /= np.where(dead, 1, np.sum(p, axis=-1, keepdims=True))
-    return np.matmul(p, v)
+    total = np.sum(p, axis=-1, keepdims=True)
+    p /= np.where(dead, 1, total)
+    out = np.matmul(p, v)
+    if not return_lse:
+        return out
+    lse = np.where(dead, -np.inf, m + np.log(np.where(dead, 1, total)))
+    return out, lse[..., 0]
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9,
@@ -154,3 +161,81 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9,
         v = max_exp_avg_sq
     denom = np.sqrt(v) / bias_correction2_sqrt + eps
     param -= exp_avg / denom * (lr / bias_correction1)
+
+
+def linear_backward(grad_output, x, weight, bias=True, x_grad=True):
+    """Gradients of x @ weight + bias: (g @ weight.T or None, x2.T @ g2, g2.sum(0) or
+    None), with x2 (rows, in) and g2 (rows, out) the 2-D reshapes of x and grad_output."""
+    g, x, weight = np.asarray(grad_output), np.asarray(x), np.asarray(weight)
+    n_in, n_out = weight.shape
+    rows = math.prod(x.shape[:-1])
+    x2, g2 = x.reshape(rows, n_in), g.reshape(rows, n_out)
+    grad_x = np.matmul(g, weight.T) if x_grad else None
+    grad_weight = np.matmul(x2.T, g2)
+    grad_bias = g2.sum(axis=0) if bias else None
+    return grad_x, grad_weight, grad_bias
+
+
+def _sum_to(grad, shape):
+    """Sums grad over the dimensions that broadcasting added or stretched from 1,
+    giving an array of `shape`."""
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
+
+
+def scaled_dot_product_attention_backward(grad_output, query, key, value, output, lse,
+                                          attn_mask=None, is_causal=False, scale=None,
+                                          enable_gqa=False):
+    """Gradients (grad_query, grad_key, grad_value) of scaled_dot_product_attention.
+
+    Dense math on the full L x S probability matrix, recomputed from query and
+    key (output and lse, the forward's results, are accepted for the signature
+    and not used): with P = softmax(scores), dO = grad_output,
+      dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),
+      dQ = scale * dS K,  dK = scale * dS^T Q.
+    Rows with no allowed key have P = 0 and contribute nothing. Gradients are
+    summed back to each operand's shape: over broadcast batch dimensions and,
+    with enable_gqa, over the query heads sharing a key/value head.
+    """
+    q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
+    do = np.asarray(grad_output)
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal are mutually exclusive")
+    L, E, S = q.shape[-2], q.shape[-1], k.shape[-2]
+    rep = 1
+    if enable_gqa and k.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+    kr = np.repeat(k, rep, axis=-3) if rep > 1 else k
+    vr = np.repeat(v, rep, axis=-3) if rep > 1 else v
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E else 1.0
+    scale = q.dtype.type(scale)
+    scores = np.matmul(q, np.swapaxes(kr, -1, -2)) * scale
+    if is_causal:
+        attn_mask = np.tril(np.ones((L, S), dtype=bool))
+    if attn_mask is not None:
+        attn_mask = np.asarray(attn_mask)
+        if attn_mask.dtype == bool:
+            scores = np.where(attn_mask, scores, -np.inf)
+        else:
+            scores = scores + attn_mask
+    m = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
+    dead = m == -np.inf
+    p = np.exp(scores - np.where(dead, 0, m))
+    p /= np.where(dead, 1, np.sum(p, axis=-1, keepdims=True))
+    dv = np.matmul(np.swapaxes(p, -1, -2), do)
+    dp = np.matmul(do, np.swapaxes(vr, -1, -2))
+    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    dq = np.matmul(ds, kr) * scale
+    dk = np.matmul(np.swapaxes(ds, -1, -2), q) * scale
+    # Broadcast batch dims first (to the repeated shape), then fold GQA groups.
+    kshape = k.shape[:-3] + (k.shape[-3] * rep,) + k.shape[-2:] if rep > 1 else k.shape
+    vshape = v.shape[:-3] + (v.shape[-3] * rep,) + v.shape[-2:] if rep > 1 else v.shape
+    dq, dk, dv = _sum_to(dq, q.shape), _sum_to(dk, kshape), _sum_to(dv, vshape)
+    if rep > 1:
+        dk = dk.reshape(k.shape[:-2] + (rep,) + k.shape[-2:]).sum(axis=-3)
+        dv = dv.reshape(v.shape[:-2] + (rep,) + v.shape[-2:]).sum(axis=-3)
+    return dq, dk, dv
