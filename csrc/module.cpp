@@ -32,10 +32,14 @@ DType dtype_of(const py::array& a, const char* name) {
 
 template <typename T> bool is_dtype(const py::array& a) { return a.dtype().is(py::dtype::of<T>()); }
 
+// Elements aligned for their type (a view at an odd byte offset is not: misaligned loads are UB).
+bool aligned(const py::array& a) { return a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_; }
+
 // A C-contiguous array of T with `n` elements (writable when `write`).
 template <typename T> T* contig(const py::array& a, const char* name, int64_t n, bool write = false) {
   if (!is_dtype<T>(a)) throw py::type_error(std::string(name) + ": dtype does not match the other operands");
   if (!(a.flags() & py::array::c_style)) value_error(std::string(name) + ": must be C-contiguous");
+  if (!aligned(a)) value_error(std::string(name) + ": must be aligned");
   if (a.size() != n) value_error(std::string(name) + ": expected " + std::to_string(n) + " elements, got " +
                                  std::to_string(a.size()));
   if (write && !a.writeable()) value_error(std::string(name) + ": must be writable");
@@ -50,6 +54,7 @@ const int64_t* offsets(const py::array_t<int64_t, py::array::c_style>& o, int64_
 // [lo, hi] byte range touched by an array view; used to check stride arguments against the real buffer.
 void check_span(const py::array& a, const char* name, int64_t off_min, int64_t off_max, int64_t itemsize) {
   // Every element the kernel may touch must lie inside the array's own extent.
+  if (!aligned(a)) value_error(std::string(name) + ": must be aligned");
   int64_t lo = 0, hi = 0;
   for (py::ssize_t d = 0; d < a.ndim(); ++d) {
     if (a.shape(d) == 0) return;  // empty: nothing touched (callers skip empty work)
@@ -196,7 +201,7 @@ bool overlap(const py::array& a, const py::array& b) {
 }
 
 py::object matmul2d(const py::array& a, const py::array& b, const py::object& out_obj) {
-  if (a.ndim() != 2 || b.ndim() != 2 || !a.dtype().is(b.dtype())) return py::none();
+  if (a.ndim() != 2 || b.ndim() != 2 || !a.dtype().is(b.dtype()) || !aligned(a) || !aligned(b)) return py::none();
   const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
   if (b.shape(0) != K) return py::none();
   auto run = [&](auto t) -> py::object {
@@ -210,7 +215,7 @@ py::object matmul2d(const py::array& a, const py::array& b, const py::object& ou
       if (!py::isinstance<py::array>(out_obj)) return py::none();
       py::array out = out_obj.cast<py::array>();
       if (!is_dtype<T>(out) || out.ndim() != 2 || out.shape(0) != M || out.shape(1) != N ||
-          !(out.flags() & py::array::c_style) || !out.writeable() || overlap(out, a) || overlap(out, b))
+          !(out.flags() & py::array::c_style) || !aligned(out) || !out.writeable() || overlap(out, a) || overlap(out, b))
         return py::none();
       c = py::reinterpret_borrow<py::array_t<T>>(out);
     }

@@ -30,8 +30,8 @@ def _array(x, name: str) -> np.ndarray:
         return x
     if hasattr(x, "__cuda_array_interface__"):
         raise RuntimeError(
-            f"{name}: got a GPU array ({type(x).__module__}.{type(x).__name__}), but this fastnn build has "
-            "no CUDA kernels; pass a numpy array"
+            f"{name}: got a GPU array ({type(x).__module__}.{type(x).__name__}), but this function runs on "
+            "the CPU only (fastnn.train's linear_backward and Adam); pass a numpy array"
         )
     raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
 
@@ -74,9 +74,23 @@ def _check_out(out, shape, dtype, name: str = "out") -> np.ndarray:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {out.shape}")
     if not out.flags.writeable:
         raise ValueError(f"{name}: the array is read-only")
-    if out.size > 1 and any(s == 0 and n > 1 for s, n in zip(out.strides, out.shape)):
-        raise ValueError(f"{name}: has a zero stride (several elements share memory); pass a real array")
+    if _self_overlapping(out):
+        raise ValueError(f"{name}: has zero or overlapping strides (several elements share memory, e.g. a "
+                         "np.broadcast_to or as_strided view); pass a real array")
     return out
+
+
+def _self_overlapping(a: np.ndarray) -> bool:
+    """Whether elements of `a` may share memory: with the dims sorted by |stride|, each stride must step
+    over the whole extent of the smaller ones (true of every slice or transpose of a real array)."""
+    if a.size <= 1:
+        return False
+    extent = a.itemsize
+    for stride, n in sorted((abs(s), n) for s, n in zip(a.strides, a.shape) if n > 1):
+        if stride < extent:
+            return True
+        extent += stride * (n - 1)
+    return False
 
 
 def _result_buffer(out: Optional[np.ndarray], shape, dtype, inputs=(), in_place_ok=()) -> np.ndarray:
@@ -85,7 +99,7 @@ def _result_buffer(out: Optional[np.ndarray], shape, dtype, inputs=(), in_place_
     `out` afterwards by _commit)."""
     if out is None:
         return np.empty(shape, dtype)
-    if out.flags.c_contiguous:
+    if out.flags.c_contiguous and out.flags.aligned:
         for x in inputs:
             if np.may_share_memory(out, x) and not any(_same_view(out, y) for y in in_place_ok if y is x):
                 break
@@ -110,16 +124,23 @@ def _commit(out: Optional[np.ndarray], buf: np.ndarray) -> np.ndarray:
 def _elementwise_layout(*arrays: np.ndarray):
     """C-contiguous views of same-layout operands without copying when all are C- or all F-contiguous;
     returns (views, transposed)."""
-    if all(a.flags.c_contiguous for a in arrays):
+    if all(a.flags.c_contiguous and a.flags.aligned for a in arrays):
         return arrays, False
-    if all(a.flags.f_contiguous for a in arrays):
+    if all(a.flags.f_contiguous and a.flags.aligned for a in arrays):
         return tuple(a.T for a in arrays), True
-    return tuple(np.ascontiguousarray(a) for a in arrays), False
+    return tuple(_contiguous(a) for a in arrays), False
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """a as a C-contiguous array aligned for its dtype: a itself when it is, else a copy. (A view at an odd
+    byte offset is C-contiguous to NumPy, and np.ascontiguousarray keeps it, but the kernels need aligned
+    elements: misaligned loads are undefined behaviour in C++, and vectorized loops assume alignment.)"""
+    return a if a.flags.c_contiguous and a.flags.aligned else np.array(a, order="C")
 
 
 def _elem_strides(a: np.ndarray) -> Tuple[np.ndarray, Tuple[int, ...]]:
     """(a, element strides); copies `a` in the rare case a stride is not a multiple of the item size."""
-    if any(s % a.itemsize for s in a.strides):
+    if any(s % a.itemsize for s in a.strides) or not a.flags.aligned:
         a = a.copy()
     return a, tuple(s // a.itemsize for s in a.strides)
 
@@ -223,7 +244,7 @@ def linear(x, weight, bias=None, *, activation=None):
         _same_dtype(x, "x", bias, "bias")
         if bias.shape != (n_out,):
             raise ValueError(f"bias: expected shape ({n_out},), got {bias.shape}")
-        bias = np.ascontiguousarray(bias)
+        bias = _contiguous(bias)
     x2 = x.reshape(math.prod(x.shape[:-1]), n_in)
     y = np.empty((x2.shape[0], n_out), x.dtype)
     _gemm(x2, weight, y, (), bias, activation == "relu")
@@ -241,16 +262,16 @@ def relu(x, *, out=None):
     x = _array(x, "x")
     if out is not None:
         _check_out(out, x.shape, x.dtype)
-        if out.flags.c_contiguous and _same_view(out, x):
+        if out.flags.c_contiguous and out.flags.aligned and _same_view(out, x):
             _C.relu(x, x)
-            return x
+            return out
     (xv,), transposed = _elementwise_layout(x)
     if out is None:
         y = np.empty(xv.shape, x.dtype)
         _C.relu(xv, y)
         return y.T if transposed else y
     buf = _result_buffer(out, x.shape, x.dtype, (x,))
-    _C.relu(np.ascontiguousarray(x), buf)
+    _C.relu(_contiguous(x), buf)
     return _commit(out, buf)
 
 
@@ -273,7 +294,7 @@ def relu_backward(grad_output, x, *, out=None):
         return y.T if transposed else y
     in_place = (g,) if _same_view(out, g) else ((x,) if _same_view(out, x) else ())
     buf = _result_buffer(out, x.shape, x.dtype, (g, x), in_place)
-    _C.relu_backward(np.ascontiguousarray(g), np.ascontiguousarray(x), buf)
+    _C.relu_backward(_contiguous(g), _contiguous(x), buf)
     return _commit(out, buf)
 
 
@@ -281,7 +302,7 @@ def relu_backward(grad_output, x, *, out=None):
 
 def _rows_last(x: np.ndarray, axis: int) -> np.ndarray:
     """x with `axis` moved last, C-contiguous (a view when it already is)."""
-    return np.ascontiguousarray(np.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x)
+    return _contiguous(np.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x)
 
 
 def _softmax(x, axis, out, log: bool, name: str):
@@ -374,8 +395,8 @@ def cross_entropy(logits, labels):
     if lo < 0 or hi >= c:
         bad = lo if lo < 0 else hi
         raise ValueError(f"labels: value {bad} is out of range; expected 0 <= label < {c}")
-    lab = np.ascontiguousarray(labels, dtype=np.int64)
-    total = _C.cross_entropy(np.ascontiguousarray(logits), lab, grad, c, 1.0 / n)
+    lab = _contiguous(labels.astype(np.int64, copy=False))
+    total = _C.cross_entropy(_contiguous(logits), lab, grad, c, 1.0 / n)
     return total / n, grad
 
 
@@ -383,8 +404,9 @@ def cross_entropy(logits, labels):
 
 def _rows_contiguous(a: np.ndarray) -> np.ndarray:
     """a with unit stride in its last dim and non-negative strides elsewhere (copied only if needed)."""
-    if a.strides[-1] != a.itemsize or any(s < 0 for s in a.strides) or any(s % a.itemsize for s in a.strides):
-        return np.ascontiguousarray(a)
+    if (a.strides[-1] != a.itemsize or any(s < 0 for s in a.strides) or any(s % a.itemsize for s in a.strides)
+            or not a.flags.aligned):
+        return np.array(a, order="C")
     return a
 
 
@@ -415,6 +437,8 @@ class _Attention:
             scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
         else:
             scale = _real(scale, "scale")
+            if not abs(scale) <= float(np.finfo(q.dtype).max):  # NaN, inf or overflowing the dtype
+                raise ValueError(f"scale: expected a finite number representable in {q.dtype}, got {scale}")
         group = None
         qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
         if enable_gqa:
@@ -516,7 +540,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     at = _Attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     out = np.empty(at.batch + (at.L, at.Ev), at.dtype)
     lse = np.empty(at.batch + (at.L,), at.dtype) if return_lse else None
-    if not at.empty() and out.size:
+    if not at.empty() and (out.size or lse is not None):  # Ev == 0 still has an lse
         _C.sdpa(*at.kernel_args(), out.reshape(at.nbatch, at.L, at.Ev), at.q_off, at.k_off, at.v_off,
                 at.L, at.S, at.E, at.Ev, *at.rows, at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
                 None if lse is None else lse.reshape(at.nbatch, at.L))
@@ -555,9 +579,9 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
         nb = at.nbatch
         _C.sdpa_backward(*at.kernel_args(), at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
                          at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
-                         np.ascontiguousarray(g).reshape(nb, at.L, at.Ev),
-                         np.ascontiguousarray(o).reshape(nb, at.L, at.Ev),
-                         np.ascontiguousarray(lse).reshape(nb, at.L),
+                         _contiguous(g).reshape(nb, at.L, at.Ev),
+                         _contiguous(o).reshape(nb, at.L, at.Ev),
+                         _contiguous(lse).reshape(nb, at.L),
                          dq.reshape(nb, at.L, at.E), dk.reshape(nb, at.S, at.E), dv.reshape(nb, at.S, at.Ev))
     return (at.reduce_to(dq, at.q_shape, False), at.reduce_to(dk, at.k_shape, True),
             at.reduce_to(dv, at.v_shape, True))
@@ -570,8 +594,9 @@ def _state(x, name: str, ref: np.ndarray) -> np.ndarray:
     _same_dtype(ref, "param", x, name)
     if x.shape != ref.shape:
         raise ValueError(f"{name}: shape {x.shape} does not match param's shape {ref.shape}")
-    if not x.flags.c_contiguous:
-        raise ValueError(f"{name}: must be C-contiguous (it is updated in place; a copy would be silently lost)")
+    if not (x.flags.c_contiguous and x.flags.aligned):
+        raise ValueError(f"{name}: must be C-contiguous and aligned (it is updated in place; a copy would be "
+                         "silently lost)")
     if not x.flags.writeable:
         raise ValueError(f"{name}: the array is read-only (it is updated in place)")
     return x
@@ -587,8 +612,9 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, b
     decoupled_weight_decay=True gives AdamW; maximize ascends. Returns None.
     """
     p = _array(param, "param")
-    if not p.flags.c_contiguous:
-        raise ValueError("param: must be C-contiguous (it is updated in place; a copy would be silently lost)")
+    if not (p.flags.c_contiguous and p.flags.aligned):
+        raise ValueError("param: must be C-contiguous and aligned (it is updated in place; a copy would be "
+                         "silently lost)")
     if not p.flags.writeable:
         raise ValueError("param: the array is read-only (it is updated in place)")
     g = _array(grad, "grad")
@@ -613,19 +639,20 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, b
         raise ValueError(f"step: expected an int >= 1 (steps count from 1), got {step}")
     lr, beta1, beta2 = _real(lr, "lr"), _real(beta1, "beta1"), _real(beta2, "beta2")
     eps, weight_decay = _real(eps, "eps"), _real(weight_decay, "weight_decay")
-    if not lr >= 0:
-        raise ValueError(f"lr: expected >= 0, got {lr}")
+    # Finite: an infinite lr, eps or weight decay only turns parameters into inf/NaN.
+    if not 0 <= lr < math.inf:
+        raise ValueError(f"lr: expected a finite number >= 0, got {lr}")
     if not 0 <= beta1 < 1:
         raise ValueError(f"beta1: expected 0 <= beta1 < 1, got {beta1}")
     if not 0 <= beta2 < 1:
         raise ValueError(f"beta2: expected 0 <= beta2 < 1, got {beta2}")
-    if not eps >= 0:
-        raise ValueError(f"eps: expected >= 0, got {eps}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay}")
     decoupled = _flag(decoupled_weight_decay, "decoupled_weight_decay")
     maximize = _flag(maximize, "maximize")
-    if g.size and (not g.flags.c_contiguous or any(np.may_share_memory(g, s) for _, s in states)):
+    if g.size and (not g.flags.c_contiguous or not g.flags.aligned or any(np.may_share_memory(g, s) for _, s in states)):
         g = np.array(g, order="C", copy=True)
     # Host-side scalars exactly as torch computes them (Python floats).
     bias_correction1 = 1 - beta1 ** step

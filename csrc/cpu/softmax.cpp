@@ -66,12 +66,13 @@ template <typename T> static void row_scale(T* y, int64_t n, T s) {
   for (; i < n; ++i) y[i] *= s;
 }
 
-template <typename T> static void row_sub(const T* x, T* y, int64_t n, T s) {
+// y = (x - m) - ls. Not x - (m + ls): for |m| large next to ls (1e30 in float32), m + ls rounds to m.
+template <typename T> static void row_sub(const T* x, T* y, int64_t n, T m, T ls) {
   constexpr int64_t W = kLanes<T>;
-  const Vec<T> sv = vset<T>(s);
+  const Vec<T> mv = vset<T>(m), lv = vset<T>(ls);
   int64_t i = 0;
-  for (; i + W <= n; i += W) vstore(y + i, vload(x + i) - sv);
-  for (; i < n; ++i) y[i] = x[i] - s;
+  for (; i + W <= n; i += W) vstore(y + i, (vload(x + i) - mv) - lv);
+  for (; i < n; ++i) y[i] = (x[i] - m) - ls;
 }
 
 template <typename T> void softmax(const T* x, T* y, int64_t rows, int64_t cols, bool log) {
@@ -82,7 +83,7 @@ template <typename T> void softmax(const T* x, T* y, int64_t rows, int64_t cols,
       const T m = row_max(xr, cols);
       if (log) {
         const T s = row_exp_sum<T>(xr, nullptr, cols, m);
-        row_sub(xr, yr, cols, m + std::log(s));
+        row_sub(xr, yr, cols, m, std::log(s));
       } else {
         const T s = row_exp_sum(xr, yr, cols, m);
         row_scale(yr, cols, T(1) / s);
@@ -150,8 +151,8 @@ double cross_entropy(const T* logits, const int64_t* labels, T* grad, int64_t ro
         T* gr = grad + r * cols;
         const T m = row_max(xr, cols);
         const T s = row_exp_sum(xr, gr, cols, m);
-        const T lse = m + std::log(s);
-        loss += double(lse) - double(xr[labels[r]]);
+        // (m - x[label]) + log(s): m + log(s) first would lose log(s) next to a large m.
+        loss += (double(m) - double(xr[labels[r]])) + double(std::log(s));
         row_scale(gr, cols, grad_scale / s);
         gr[labels[r]] -= grad_scale;
       }
