@@ -4,7 +4,10 @@ implementation's first result is checked against the float64 oracle before it is
 
 Not part of the test run (pyproject's testpaths is tests/); run it explicitly:
     python -m pytest bench/ --benchmark-only
+The full run's cases by default; FASTNN_BENCH_QUICK=1 takes the --quick set instead (no 4096^3
+product, no 64M/50M arrays, attention at (1, 8, 1024, 64)). All on fastnn's thread count.
 """
+import os
 import re
 
 import numpy as np
@@ -17,18 +20,19 @@ torch = bench.import_torch()
 
 # Same thread count for everyone, as in `python -m fastnn bench`.
 THREADS = fastnn.get_num_threads()
-bench.blas_info(THREADS)
-if torch is not None:
-    torch.set_num_threads(THREADS)
+bench.use_threads(THREADS, torch)
+QUICK = os.environ.get("FASTNN_BENCH_QUICK", "") not in ("", "0")
 
 
 def _params():
-    for case in bench.CASES:
+    for case in bench.select(quick=QUICK, available=False):
         label = re.sub(r"[^\w.]+", "_", case.label).strip("_")
         for impl in bench.IMPLS:
             marks = [pytest.mark.benchmark(group=case.op)]
             if impl == "torch" and torch is None:
                 marks.append(pytest.mark.skip(reason="PyTorch is not importable"))
+            if not case.available():
+                marks.append(pytest.mark.skip(reason=f"fastnn.{case.requires} does not exist"))
             yield pytest.param(case, impl, id=f"{case.op}-{label}-{impl}", marks=marks)
 
 
@@ -54,5 +58,6 @@ def test_bench(benchmark, case, impl):
     assert err <= case.tol, f"{impl} {case.id}: relative error {err:.3g} > {case.tol:g}"
     benchmark.extra_info.update(case=case.label, work=case.work, unit=case.unit,
                                 formula=case.formula, threads=THREADS, rel_error=err)
-    bench.settle()  # let the worker threads of the previous test (and of the check) fall asleep
+    # Let the worker threads of the previous test (and of the check) fall asleep.
+    bench.settle(bench.SETTLE_SECONDS)
     benchmark(call)

@@ -38,19 +38,49 @@ from ._ops import (
     softmax,
     softmax_backward,
 )
+from .train import Adam, linear_backward
+from . import _runtime
 
 __version__: str = _C.__version__
+
+from . import _gpu
+
+# GPU arrays (anything with __cuda_array_interface__, e.g. cupy) go to the CUDA kernels (fastnn/_gpu.py);
+# numpy arrays to the CPU kernels. fastnn._cuda and cupy are imported only when a GPU array arrives.
+matmul = _gpu.dispatch(matmul, _gpu.matmul)
+linear = _gpu.dispatch(linear, _gpu.linear)
+relu = _gpu.dispatch(relu, _gpu.relu)
+relu_backward = _gpu.dispatch(relu_backward, _gpu.relu_backward)
+softmax = _gpu.dispatch(softmax, _gpu.softmax)
+log_softmax = _gpu.dispatch(log_softmax, _gpu.log_softmax)
+softmax_backward = _gpu.dispatch(softmax_backward, _gpu.softmax_backward)
+log_softmax_backward = _gpu.dispatch(log_softmax_backward, _gpu.log_softmax_backward)
+cross_entropy = _gpu.dispatch(cross_entropy, _gpu.cross_entropy)
+scaled_dot_product_attention = _gpu.dispatch(scaled_dot_product_attention, _gpu.scaled_dot_product_attention)
+scaled_dot_product_attention_backward = _gpu.dispatch(scaled_dot_product_attention_backward,
+                                                      _gpu.scaled_dot_product_attention_backward)
+adam_update = _gpu.dispatch(adam_update, _gpu.adam_update)
+
+
+def cuda_is_available() -> bool:
+    """True when fastnn's CUDA kernels can run here: fastnn._cuda was built, a CUDA device and driver are
+    present, cupy imports, and the compiled architectures cover the current device. Never raises; the
+    first call imports fastnn._cuda and cupy. `info()["cuda_unavailable_reason"]` says why not."""
+    return _gpu.is_available()
+
 
 __all__ = [
     "__version__", "info", "matmul", "linear", "relu", "relu_backward", "softmax", "log_softmax",
     "softmax_backward", "log_softmax_backward", "cross_entropy", "scaled_dot_product_attention", "scaled_dot_product_attention_backward", "adam_update",
-    "set_num_threads", "get_num_threads", "cpu_isa", "set_cpu_isa",
+    "linear_backward", "Adam", "cuda_is_available", "set_num_threads", "get_num_threads", "cpu_isa", "set_cpu_isa",
 ]
 
 
 def info() -> dict:
-    """The build and runtime record: version, compiler and flags, OpenMP and thread count, the CPU ISA
-    paths compiled, supported here and in use, and whether CUDA kernels were built."""
+    """The build and runtime record: version, compiler and flags, OpenMP (and the runtime library loaded for
+    it) and thread count, the CPU ISA paths compiled, supported here and in use; CUDA: whether fastnn._cuda
+    was built, its toolkit and architectures, whether it is usable here (else why not) and, when a device
+    exists, its name and compute capability (this imports fastnn._cuda, and cupy when a device exists)."""
     b = _C.build_info()
     return {
         "version": __version__,
@@ -58,12 +88,13 @@ def info() -> dict:
         "build_type": b["build_type"],
         "cxx_flags": b["cxx_flags"],
         "openmp": b["openmp"],
+        "openmp_runtime": _runtime.openmp_runtime(_C.__file__) if b["openmp"] else None,
         "num_threads": get_num_threads(),
         "cpu_isa": cpu_isa(),
         "cpu_isa_supported": _C.isa_supported().split(","),
         "cpu_isa_compiled": b["cpu_isa_compiled"].split(","),
         "cpu_isa_flags": b["cpu_isa_flags"],
-        "cuda_built": b["cuda_built"],
+        **_gpu.info(),
         "python": _platform.python_version(),
         "numpy": _np.__version__,
         "machine": _platform.machine(),

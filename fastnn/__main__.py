@@ -34,12 +34,16 @@ def _parser():
         description="Check each op against the float64 oracle, then time fastnn, NumPy and PyTorch "
                     "(when it imports) side by side; a Markdown table goes to stdout, progress to "
                     "stderr. Exits 1 when a fastnn result fails its check.")
-    bench.add_argument("--quick", action="store_true", help="fewer repeats (under a minute)")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer repeats, the largest cases left out (under a minute on 2 cores)")
     bench.add_argument("--op", nargs="+", action="extend", metavar="NAME", choices=OPS,
                        help=f"only these ops (any of: {', '.join(OPS)})")
     bench.add_argument("--json", metavar="FILE", help="also write rows, limits, info and date to FILE")
-    bench.add_argument("--threads", type=int, metavar="N",
-                       help="threads for fastnn, NumPy's BLAS and PyTorch (default: fastnn's count)")
+    bench.add_argument("--threads", metavar="N[,N...]",
+                       help="thread counts for fastnn, NumPy's BLAS and PyTorch, each with its own limits "
+                            "and table, then a scaling table (default: 1 and fastnn's count)")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="also draw a roofline chart of the rows (needs matplotlib)")
     bench.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it imports")
     bench.add_argument("--list", action="store_true", help="list the cases and exit")
     return parser
@@ -59,15 +63,27 @@ def main(argv=None) -> int:
 
     from fastnn import bench
     if args.list:
-        for case in bench.select(args.op):
-            print(f"{case.op:<17} {case.label:<30} {case.notes}")
+        for case in bench.select(args.op, args.quick, available=False):
+            where = {"full": "full run only", "quick": "--quick only"}.get(case.only, "")
+            if not case.available():
+                where = f"skipped: no fastnn.{case.requires}"
+            print(f"{case.op:<20} {case.label:<40} {where:<15} {case.notes}")
         return 0
-    if args.threads is not None and args.threads < 1:
-        print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
+    threads = None
+    if args.threads is not None:
+        try:
+            threads = bench.parse_threads(args.threads)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    if args.plot and not bench.have_matplotlib():
+        # Checked before anything runs: a long bench must not end without its chart.
+        print(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib); "
+              "nothing was run", file=sys.stderr)
         return 2
-    results = bench.run(ops=args.op, quick=args.quick, threads=args.threads, json_path=args.json,
-                        torch=None if args.no_torch else "auto")
-    return 0 if all(row["ok"] for row in results["rows"]) else 1
+    results = bench.run(ops=args.op, quick=args.quick, threads=threads, json_path=args.json,
+                        torch=None if args.no_torch else "auto", plot_path=args.plot)
+    return 0 if all(row["ok"] for run in results["runs"] for row in run["rows"]) else 1
 
 
 if __name__ == "__main__":
