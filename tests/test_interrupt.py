@@ -43,7 +43,7 @@ def pkg_env():
 def test_sigint_during_matmul_raises_right_after_the_call():
     n = 2048 if os.environ.get("FASTNN_SANITIZED") else 3072
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=pkg_env())
+                            text=True, env=pkg_env(), cwd=os.path.dirname(os.path.abspath(__file__)))
     try:
         ready, duration = proc.stdout.readline().split()
         assert ready == "ready"

@@ -73,6 +73,8 @@ print(";".join(results), "after:", ok, flush=True)
 def test_cpp_workspace_bad_alloc_is_memory_error():
     parent = os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))
     env = dict(os.environ, PYTHONPATH=parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, env=env)
+    # cwd: not the repository root, whose fastnn/ (the sources) would shadow the installed package.
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
     assert r.stdout.strip() == "gemm: MemoryError;sdpa: MemoryError after: True", r.stdout
