@@ -234,3 +234,27 @@ def test_zero_dim_rejected(name):
     # A 0-d input has no axis -1: ValueError (as NumPy's reductions raise AxisError, a ValueError).
     with pytest.raises(ValueError):
         getattr(fastnn, name)(np.array(1.0))
+
+
+# Results of 8 MiB and more with rows of 2 KiB and more are streamed past the cache from a scratch row
+# (on the stack up to 8 KiB, else the heap; rows beyond 512 KiB are computed in the output itself). Odd
+# row lengths start most rows off a cache line, so the peeled heads and tails are exercised too.
+STREAMED = [(np.float32, (1031, 2053)), (np.float64, (517, 2053)), (np.float32, (2053, 1031)),
+            (np.float32, (17, 131101))]
+
+
+@pytest.mark.parametrize("dtype,shape", STREAMED)
+def test_streamed_results(isa, rng, dtype, shape):
+    if isa != fastnn.info()["cpu_isa_supported"][-1] and shape[1] > 100000:
+        pytest.skip("the long-row case runs on the best path only")
+    x = make_array(rng, shape, dtype)
+    x64 = f64(x)
+    for name in FUNCS:
+        out = poisoned(shape, dtype)
+        assert getattr(fastnn, name)(x, out=out) is out
+        assert_close(out, getattr(ref, name)(x64), dtype, k=shape[1])
+    labels = rng.integers(0, shape[1], shape[0])
+    loss, grad = fastnn.cross_entropy(x, labels)
+    ref_loss, ref_grad = ref.cross_entropy(x64, labels)
+    assert abs(loss - ref_loss) <= (1e-5 if dtype == np.float32 else 1e-12) * abs(ref_loss)
+    assert_close(grad, ref_grad, dtype, k=shape[1])

@@ -92,23 +92,87 @@ template <typename V> FASTNN_INLINE V vmin(V a, V b) { return a > b ? b : a; }
 template <typename V> FASTNN_INLINE V vrelu(V a) { return a < V{} ? V{} : a; }
 
 template <typename V> using Elem = std::remove_cv_t<std::remove_reference_t<decltype(V{}[0])>>;
+// Horizontal sum / max by halving (log2(lanes) vector steps instead of a serial chain over the lanes).
 template <typename V> FASTNN_INLINE Elem<V> hsum(V v) {
-  Elem<V> s = 0;
-  for (size_t i = 0; i < sizeof(V) / sizeof(Elem<V>); ++i) s += v[i];
-  return s;
+  using E = Elem<V>;
+  constexpr size_t n = sizeof(V) / sizeof(E);
+  E buf[n];
+  std::memcpy(buf, &v, sizeof(V));
+  for (size_t h = n / 2; h >= 1; h /= 2)
+    for (size_t i = 0; i < h; ++i) buf[i] += buf[i + h];
+  return buf[0];
 }
 template <typename V> FASTNN_INLINE Elem<V> hmax(V v) {
-  Elem<V> m = v[0];
-  for (size_t i = 1; i < sizeof(V) / sizeof(Elem<V>); ++i) m = (m < v[i]) ? v[i] : m;
-  return m;
+  using E = Elem<V>;
+  constexpr size_t n = sizeof(V) / sizeof(E);
+  E buf[n];
+  std::memcpy(buf, &v, sizeof(V));
+  for (size_t h = n / 2; h >= 1; h /= 2)
+    for (size_t i = 0; i < h; ++i) buf[i] = (buf[i] < buf[i + h]) ? buf[i + h] : buf[i];
+  return buf[0];
 }
 
 template <typename T> FASTNN_INLINE T smax(T a, T b) { return a < b ? b : a; }
 
 // exp(x) to about 1 ulp: Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, a Taylor polynomial in r
-// (degree 7 for float, 13 for double: the truncation error is below half an ulp), then scale by 2^n
-// built in the exponent bits. exp(-inf) = 0, exp(+inf) = inf, exp(NaN) = NaN; results that would be
-// subnormal are flushed to 0 (softmax and Adam never need them).
+// (degree 7 for float, 13 for double: the truncation error is below half an ulp), then scale by 2^n.
+// exp(-inf) = 0, exp(+inf) = inf, exp(NaN) = NaN. On AVX-512 the scaling is one vscalef, which also
+// rounds results into the subnormal range and to 0/inf correctly; elsewhere 2^n is built in the exponent
+// bits and results that would be subnormal are flushed to 0 (softmax and Adam never need them).
+#if defined(FASTNN_ISA_avx512)
+// x clamped to [lo, hi] (NaN kept) so that n stays finite: below lo exp rounds to 0, above hi to inf,
+// and scalef(p, n) with p in [0.7, 1.5] gives exactly those.
+FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
+  using V = Vec<float>;
+  // vmin/vmax return their second operand when either is NaN: x's NaN is kept.
+  const __m512 xm = _mm512_max_ps(_mm512_set1_ps(-104.0f),
+                                  _mm512_min_ps(_mm512_set1_ps(89.0f), reinterpret_cast<const __m512&>(x)));
+  const V xc = reinterpret_cast<const V&>(xm);
+  const V xl = xc * 1.44269504088896341f;
+  const __m512 nm = _mm512_roundscale_ps(reinterpret_cast<const __m512&>(xl), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V n = reinterpret_cast<const V&>(nm);
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  // Degree 6, fitted for relative error on [-ln2/2, ln2/2] (2e-9 before rounding; 1 ulp in float).
+  V p = vset<float>(1.3836835e-3f);
+  p = p * r + 8.3748242e-3f;
+  p = p * r + 4.1668225e-2f;
+  p = p * r + 1.6666420e-1f;
+  p = p * r + 4.9999991e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const __m512 y = _mm512_scalef_ps(reinterpret_cast<const __m512&>(p), nm);
+  return reinterpret_cast<const V&>(y);
+}
+
+FASTNN_INLINE Vec<double> vexp(Vec<double> x) {
+  using V = Vec<double>;
+  const __m512d xm = _mm512_max_pd(_mm512_set1_pd(-746.0),
+                                   _mm512_min_pd(_mm512_set1_pd(710.0), reinterpret_cast<const __m512d&>(x)));
+  const V xc = reinterpret_cast<const V&>(xm);
+  const V xl = xc * 1.4426950408889634074;
+  const __m512d nm = _mm512_roundscale_pd(reinterpret_cast<const __m512d&>(xl), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V n = reinterpret_cast<const V&>(nm);
+  V r = xc - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  V p = vset<double>(1.0 / 6227020800.0);
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const __m512d y = _mm512_scalef_pd(reinterpret_cast<const __m512d&>(p), nm);
+  return reinterpret_cast<const V&>(y);
+}
+#else
 FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   using V = Vec<float>;
   using I = IVec<float>;
@@ -183,5 +247,6 @@ FASTNN_INLINE Vec<double> vexp(Vec<double> x) {
   y = x < lo ? V{} : y;
   return y;
 }
+#endif
 
 }  // namespace fastnn::cpu::FASTNN_ISA
