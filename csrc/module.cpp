@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "build_config.h"
 #include "cpu/kernels.h"
@@ -235,6 +236,103 @@ py::object matmul2d(const py::array& a, const py::array& b, const py::object& ou
   return py::none();
 }
 
+// ---- fast paths for the common case, with the least per-call overhead ---------------------------
+// Each takes the user's arguments as they are and returns None unless they are plain (numpy arrays of one
+// float dtype, C-contiguous, aligned; out= None or directly writable); the Python layer then takes the
+// general path, which also produces every error message.
+
+template <typename T> bool plain(const py::array& a) {
+  return is_dtype<T>(a) && (a.flags() & py::array::c_style) && aligned(a);
+}
+
+bool same_shape(const py::array& a, const py::array& b) {
+  if (a.ndim() != b.ndim()) return false;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d)
+    if (a.shape(d) != b.shape(d)) return false;
+  return true;
+}
+
+// The array an op over `like`'s shape writes: a new one when out is None; `out` itself when it is a plain
+// writable array of that shape that either is exactly one of `in_place` (same data, both C-contiguous) or
+// overlaps none of `inputs`; else None.
+template <typename T>
+py::object fast_out(const py::object& out, const py::array& like, std::initializer_list<const py::array*> inputs,
+                    std::initializer_list<const py::array*> in_place) {
+  if (out.is_none()) return py::array_t<T>(std::vector<py::ssize_t>(like.shape(), like.shape() + like.ndim()));
+  if (!py::isinstance<py::array>(out)) return py::none();
+  auto o = py::reinterpret_borrow<py::array>(out);
+  if (!plain<T>(o) || !o.writeable() || !same_shape(o, like)) return py::none();
+  for (const py::array* a : in_place)
+    if (a->data() == o.data()) return out;
+  for (const py::array* a : inputs)
+    if (overlap(o, *a)) return py::none();
+  return out;
+}
+
+template <typename T> T* data_of(const py::object& a) {
+  return static_cast<T*>(py::reinterpret_borrow<py::array>(a).mutable_data());
+}
+
+template <typename F> py::object float_dispatch(const py::array& a, F&& f) {
+  if (is_dtype<float>(a)) return f(float{});
+  if (is_dtype<double>(a)) return f(double{});
+  return py::none();
+}
+
+py::object relu_fast(const py::array& x, const py::object& out) {
+  return float_dispatch(x, [&](auto t) -> py::object {
+    using T = decltype(t);
+    if (!plain<T>(x)) return py::none();
+    py::object y = fast_out<T>(out, x, {&x}, {&x});
+    if (y.is_none()) return y;
+    const T* xp = static_cast<const T*>(x.data());
+    T* yp = data_of<T>(y);
+    const int64_t n = x.size();
+    py::gil_scoped_release nogil;
+    ops<T>().relu(xp, yp, n);
+    return y;
+  });
+}
+
+py::object relu_backward_fast(const py::array& g, const py::array& x, const py::object& out) {
+  return float_dispatch(x, [&](auto t) -> py::object {
+    using T = decltype(t);
+    if (!plain<T>(x) || !plain<T>(g) || !same_shape(g, x)) return py::none();
+    py::object y = fast_out<T>(out, x, {&g, &x}, {&g, &x});
+    if (y.is_none()) return y;
+    const T* gp = static_cast<const T*>(g.data());
+    const T* xp = static_cast<const T*>(x.data());
+    T* yp = data_of<T>(y);
+    const int64_t n = x.size();
+    py::gil_scoped_release nogil;
+    ops<T>().relu_backward(gp, xp, yp, n);
+    return y;
+  });
+}
+
+// softmax / log_softmax over the last axis (axis a Python int naming it) of a non-empty x.
+py::object softmax_fast(const py::array& x, const py::object& axis, const py::object& out, bool log) {
+  if (x.ndim() < 1 || x.size() == 0 || !PyLong_CheckExact(axis.ptr())) return py::none();
+  const long ax = PyLong_AsLong(axis.ptr());
+  if (ax == -1 && PyErr_Occurred()) {  // an int beyond long: the general path reports it
+    PyErr_Clear();
+    return py::none();
+  }
+  if (ax != -1 && ax != x.ndim() - 1) return py::none();
+  return float_dispatch(x, [&](auto t) -> py::object {
+    using T = decltype(t);
+    if (!plain<T>(x)) return py::none();
+    py::object y = fast_out<T>(out, x, {&x}, {&x});
+    if (y.is_none()) return y;
+    const T* xp = static_cast<const T*>(x.data());
+    T* yp = data_of<T>(y);
+    const int64_t cols = x.shape(x.ndim() - 1), rows = x.size() / cols;
+    py::gil_scoped_release nogil;
+    ops<T>().softmax(xp, yp, rows, cols, log);
+    return y;
+  });
+}
+
 // Fills the forward arguments shared by sdpa and sdpa_backward, checking every stride/offset against
 // the arrays' extents.
 template <typename T>
@@ -402,6 +500,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cross_entropy", &cross_entropy);
   m.def("gemm", &gemm);
   m.def("matmul2d", &matmul2d);
+  m.def("relu_fast", &relu_fast);
+  m.def("relu_backward_fast", &relu_backward_fast);
+  m.def("softmax_fast", &softmax_fast);
   m.def("sdpa", &sdpa);
   m.def("sdpa_backward", &sdpa_backward);
   m.def("adam", &adam);

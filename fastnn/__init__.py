@@ -62,6 +62,62 @@ scaled_dot_product_attention_backward = _gpu.dispatch(scaled_dot_product_attenti
 adam_update = _gpu.dispatch(adam_update, _gpu.adam_update)
 
 
+# The most frequent calls go first through a compiled fast path for plain arguments (numpy arrays of one
+# float dtype, C-contiguous, aligned, out= None or directly writable), which returns None for anything
+# else; the general path above then runs. A tiny relu or matmul so costs about what NumPy's call does.
+def _fast(public, fast_call):
+    fast_call.__doc__, fast_call.__wrapped__ = public.__doc__, public.__wrapped__
+    fast_call.__name__ = fast_call.__qualname__ = public.__name__
+    fast_call.cpu, fast_call.gpu = public.cpu, public.gpu
+    return fast_call
+
+
+def _fast_ops(ndarray=_np.ndarray, matmul2d=_C.matmul2d, relu_fast=_C.relu_fast,
+              relu_backward_fast=_C.relu_backward_fast, softmax_fast=_C.softmax_fast,
+              matmul_=matmul, relu_=relu, relu_backward_=relu_backward, softmax_=softmax,
+              log_softmax_=log_softmax):
+    def matmul(a, b, *, out=None):
+        if type(a) is ndarray and type(b) is ndarray:
+            c = matmul2d(a, b, out)
+            if c is not None:
+                return c
+        return matmul_(a, b, out=out)
+
+    def relu(x, *, out=None):
+        if type(x) is ndarray:
+            y = relu_fast(x, out)
+            if y is not None:
+                return y
+        return relu_(x, out=out)
+
+    def relu_backward(grad_output, x, *, out=None):
+        if type(x) is ndarray and type(grad_output) is ndarray:
+            y = relu_backward_fast(grad_output, x, out)
+            if y is not None:
+                return y
+        return relu_backward_(grad_output, x, out=out)
+
+    def softmax(x, axis=-1, *, out=None):
+        if type(x) is ndarray:
+            y = softmax_fast(x, axis, out, False)
+            if y is not None:
+                return y
+        return softmax_(x, axis, out=out)
+
+    def log_softmax(x, axis=-1, *, out=None):
+        if type(x) is ndarray:
+            y = softmax_fast(x, axis, out, True)
+            if y is not None:
+                return y
+        return log_softmax_(x, axis, out=out)
+
+    return (_fast(matmul_, matmul), _fast(relu_, relu), _fast(relu_backward_, relu_backward),
+            _fast(softmax_, softmax), _fast(log_softmax_, log_softmax))
+
+
+matmul, relu, relu_backward, softmax, log_softmax = _fast_ops()
+
+
 def cuda_is_available() -> bool:
     """True when fastnn's CUDA kernels can run here: fastnn._cuda was built, a CUDA device and driver are
     present, cupy imports, and the compiled architectures cover the current device. Never raises; the

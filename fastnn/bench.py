@@ -611,10 +611,10 @@ def numpy_mlp_step(params, state, x, labels, step):
     return loss
 
 
-def _fastnn_linear_backward(g, x, w):
+def _fastnn_linear_backward(g, x, w, x_grad=True):
     if hasattr(fastnn, "linear_backward"):
-        return fastnn.linear_backward(g, x, w)
-    return fastnn.matmul(g, w.T), fastnn.matmul(x.T, g), g.sum(axis=0)
+        return fastnn.linear_backward(g, x, w, x_grad=x_grad)
+    return fastnn.matmul(g, w.T) if x_grad else None, fastnn.matmul(x.T, g), g.sum(axis=0)
 
 
 def mlp_step_case(batch, sizes=(784, 128, 10)) -> Case:
@@ -652,7 +652,7 @@ def mlp_step_case(batch, sizes=(784, 128, 10)) -> Case:
             loss, g = fastnn.cross_entropy(logits, labels)
             dh, dw2, db2 = _fastnn_linear_backward(g, h, w2)
             fastnn.relu_backward(dh, h, out=dh)            # h > 0 exactly where the pre-activation is
-            _, dw1, db1 = _fastnn_linear_backward(dh, data, w1)
+            _, dw1, db1 = _fastnn_linear_backward(dh, data, w1, x_grad=False)  # the input needs none
             update([dw1, db1, dw2, db2])
             return params
         return call
