@@ -329,12 +329,13 @@ def test_adam_constructor_errors():
         fastnn.Adam([ro])
     with pytest.raises(ValueError, match=r"params\[1\]: shares memory with params\[0\]"):
         fastnn.Adam([p, p[1]])
-    for kw, exc, msg in [(dict(lr=-1.0), ValueError, "lr: expected >= 0"),
+    for kw, exc, msg in [(dict(lr=-1.0), ValueError, "lr: expected a finite number >= 0"),
+                         (dict(lr=float("inf")), ValueError, "lr: expected a finite number >= 0"),
                          (dict(lr="0.1"), TypeError, "lr: expected a real number"),
                          (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]: expected 0 <= beta < 1"),
                          (dict(betas=0.9), TypeError, "betas: expected a pair"),
-                         (dict(eps=-1e-8), ValueError, "eps: expected >= 0"),
-                         (dict(weight_decay=-0.1), ValueError, "weight_decay: expected >= 0"),
+                         (dict(eps=-1e-8), ValueError, "eps: expected a finite number >= 0"),
+                         (dict(weight_decay=-0.1), ValueError, "weight_decay: expected a finite number >= 0"),
                          (dict(amsgrad=1), TypeError, "amsgrad: expected a bool"),
                          (dict(maximize=None), TypeError, "maximize: expected a bool")]:
         with pytest.raises(exc, match=msg):
@@ -356,7 +357,7 @@ def test_adam_step_errors_touch_nothing(rng):
         with pytest.raises(exc, match=msg):
             opt.step(grads)
     opt.lr = -1.0
-    with pytest.raises(ValueError, match="lr: expected >= 0"):
+    with pytest.raises(ValueError, match="lr: expected a finite number >= 0"):
         opt.step(good)
     opt.lr = 1e-3
     opt.amsgrad = True
