@@ -60,6 +60,7 @@ scaled_dot_product_attention = _gpu.dispatch(scaled_dot_product_attention, _gpu.
 scaled_dot_product_attention_backward = _gpu.dispatch(scaled_dot_product_attention_backward,
                                                       _gpu.scaled_dot_product_attention_backward)
 adam_update = _gpu.dispatch(adam_update, _gpu.adam_update)
+linear_backward = _gpu.dispatch(linear_backward, _gpu.linear_backward)
 
 
 # The most frequent calls go first through a compiled fast path for plain arguments (numpy arrays of one

@@ -26,7 +26,9 @@ from typing import Optional
 
 import numpy as np
 
+from ._attention_grad import attention_backward, reduce_grad
 from ._ops import _axis, _batch_offsets, _broadcast_batch, _flag, _real
+from .train import linear_backward_shapes
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 _lock = threading.Lock()
@@ -439,6 +441,28 @@ def linear(x, weight, bias=None, *, activation=None):
         return y.reshape(x.shape[:-1] + (n_out,))
 
 
+def linear_backward(grad_output, x, weight, *, bias=True, x_grad=True):
+    """Gradients of y = x @ weight + bias on GPU arrays, with the CPU function's arguments and rules:
+    (grad_x or None, grad_weight, grad_bias or None). Both products run on fastnn's CUDA matmul reading the
+    transposed views in place; grad_bias is summed in float32."""
+    c = _Call("linear_backward")
+    g = c.array(grad_output, "grad_output")
+    x = c.array(x, "x")
+    weight = c.array(weight, "weight")
+    c.same_dtype(x, "x", weight, "weight")
+    c.same_dtype(x, "x", g, "grad_output")
+    bias = _flag(bias, "bias")
+    x_grad = _flag(x_grad, "x_grad")
+    rows, n_in, n_out = linear_backward_shapes(g, x, weight)
+    with c.scope():
+        x2 = x.reshape(rows, n_in)
+        g2 = g.reshape(rows, n_out)
+        grad_x = matmul(g2, weight.T).reshape(x.shape) if x_grad else None
+        grad_w = matmul(x2.T, g2)
+        grad_b = g2.sum(axis=0, dtype=c.cp.float32).astype(x.dtype) if bias else None
+        return grad_x, grad_w, grad_b
+
+
 # ---- attention -------------------------------------------------------------------------------------
 
 def _rows_unit(c: _Call, a):
@@ -448,17 +472,9 @@ def _rows_unit(c: _Call, a):
     return a
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, return_lse=False):
-    """softmax(query @ key^T * scale + mask) @ value on GPU arrays, PyTorch's semantics (as the CPU function:
-    bool or additive masks broadcast to (..., L, S), is_causal aligned top-left, enable_gqa, scale default
-    1/sqrt(E), a row with no allowed key gives zeros). FlashAttention-2-style kernel: float16 on tensor
-    cores; head dims too large for the device's shared memory fall back to a plain kernel."""
-    c = _Call("scaled_dot_product_attention")
-    dropout_p = _real(dropout_p, "dropout_p")
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p: dropout is not implemented; expected 0.0, got {dropout_p}")
-    return_lse = _flag(return_lse, "return_lse")
+def _attention_operands(c: _Call, query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    """The checked attention operands shared by the forward and the backward: (q, k, v, mask, L, S, E, Ev,
+    scale, group, batch, is_causal) with the CPU functions' rules."""
     q = c.array(query, "query")
     k = c.array(key, "key")
     v = c.array(value, "value")
@@ -502,6 +518,26 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         mask = c.array(attn_mask, "attn_mask", dtypes=None)
         if mask.dtype != np.bool_ and mask.dtype != q.dtype:
             raise TypeError(f"attn_mask: expected dtype bool or {q.dtype} (the query's), got {mask.dtype}")
+        try:
+            np.broadcast_shapes(mask.shape, batch + (L, S))
+        except ValueError:
+            raise ValueError(f"attn_mask: shape {mask.shape} does not broadcast to {batch + (L, S)}") from None
+    return q, k, v, mask, L, S, E, Ev, scale, group, batch, is_causal
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, return_lse=False):
+    """softmax(query @ key^T * scale + mask) @ value on GPU arrays, PyTorch's semantics (as the CPU function:
+    bool or additive masks broadcast to (..., L, S), is_causal aligned top-left, enable_gqa, scale default
+    1/sqrt(E), a row with no allowed key gives zeros). FlashAttention-2-style kernel: float16 on tensor
+    cores; head dims too large for the device's shared memory fall back to a plain kernel."""
+    c = _Call("scaled_dot_product_attention")
+    dropout_p = _real(dropout_p, "dropout_p")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p: dropout is not implemented; expected 0.0, got {dropout_p}")
+    return_lse = _flag(return_lse, "return_lse")
+    q, k, v, mask, L, S, E, Ev, scale, group, batch, is_causal = _attention_operands(
+        c, query, key, value, attn_mask, is_causal, scale, enable_gqa)
     nbatch = math.prod(batch)
     with c.scope():
         cp = c.cp
@@ -541,10 +577,32 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return (out, lse) if return_lse else out
 
 
-def scaled_dot_product_attention_backward(*args, **kwargs):
-    """Not implemented for GPU arrays yet."""
-    raise NotImplementedError("scaled_dot_product_attention_backward: no CUDA kernel yet; pass numpy arrays "
-                              "(cupy.asnumpy) to use the CPU kernel")
+def scaled_dot_product_attention_backward(grad_output, query, key, value, output, lse, attn_mask=None,
+                                          is_causal=False, scale=None, enable_gqa=False):
+    """Gradients of scaled_dot_product_attention on GPU arrays: (grad_query, grad_key, grad_value), with the
+    CPU function's arguments and rules. Composed of fastnn's CUDA matmul and cupy element-wise operations
+    in float32 (fastnn/_attention_grad.py), a chunk of heads at a time: unlike the CPU kernel it holds the
+    L x S scores of a chunk (at most 256 MiB per array), there is no fused flash-style CUDA backward yet."""
+    c = _Call("scaled_dot_product_attention_backward")
+    q, k, v, mask, L, S, E, Ev, scale, group, batch, is_causal = _attention_operands(
+        c, query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    oshape = batch + (L, Ev)
+    g = c.array(grad_output, "grad_output")
+    o = c.array(output, "output")
+    m = c.array(lse, "lse")
+    for x, n in ((g, "grad_output"), (o, "output"), (m, "lse")):
+        c.same_dtype(q, "query", x, n)
+    if g.shape != oshape:
+        raise ValueError(f"grad_output: expected shape {oshape} (the forward's output), got {g.shape}")
+    if o.shape != oshape:
+        raise ValueError(f"output: expected shape {oshape} (the forward's output), got {o.shape}")
+    if m.shape != batch + (L,):
+        raise ValueError(f"lse: expected shape {batch + (L,)}, got {m.shape}")
+    with c.scope():
+        dq, dk, dv = attention_backward(c.cp, matmul, g, q, k, v, o, m, mask, is_causal, scale, group, batch)
+        n = len(batch)
+        return tuple(c.cp.ascontiguousarray(reduce_grad(d, a.shape, n, grp).astype(q.dtype, copy=False))
+                     for d, a, grp in ((dq, q, None), (dk, k, group), (dv, v, group)))
 
 
 # ---- Adam ------------------------------------------------------------------------------------------

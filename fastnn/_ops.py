@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _C
+from ._attention_grad import reduce_grad
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _ZERO_OFFSETS = np.zeros(1, dtype=np.int64)
@@ -29,9 +30,9 @@ def _array(x, name: str) -> np.ndarray:
             raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {x.dtype}")
         return x
     if hasattr(x, "__cuda_array_interface__"):
-        raise RuntimeError(
-            f"{name}: got a GPU array ({type(x).__module__}.{type(x).__name__}), but this function runs on "
-            "the CPU only (fastnn.train's linear_backward and Adam); pass a numpy array"
+        raise TypeError(
+            f"{name}: got a GPU array ({type(x).__module__}.{type(x).__name__}) in a call with numpy arrays; "
+            "pass every array of one call on the same side (cupy.asnumpy(x) to move it to the host)"
         )
     raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
 
@@ -504,17 +505,7 @@ class _Attention:
     def reduce_to(self, grad, shape, grouped):
         """Sums a per-head gradient (batch + core) down to an operand's shape: over the query heads of a
         GQA group (`grouped`: key and value) and over broadcast batch dimensions."""
-        if grouped and self.group:
-            h = grad.shape[len(self.batch) - 1]
-            grad = grad.reshape(grad.shape[:len(self.batch) - 1] + (h // self.group, self.group) + grad.shape[-2:])
-            grad = grad.sum(axis=len(self.batch))
-        extra = grad.ndim - len(shape)
-        if extra:
-            grad = grad.sum(axis=tuple(range(extra)))
-        axes = tuple(i for i, n in enumerate(shape[:-2]) if n == 1 and grad.shape[i] != 1)
-        if axes:
-            grad = grad.sum(axis=axes, keepdims=True)
-        return np.ascontiguousarray(grad.reshape(shape))
+        return np.ascontiguousarray(reduce_grad(grad, shape, len(self.batch), self.group if grouped else None))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

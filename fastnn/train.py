@@ -19,6 +19,24 @@ from ._ops import _array, _flag, _real, _same_dtype, matmul
 __all__ = ["linear_backward", "Adam"]
 
 
+def linear_backward_shapes(g, x, weight) -> Tuple[int, int, int]:
+    """(rows, in, out) of a linear_backward call, or a ValueError naming the argument whose shape is wrong;
+    shared by the CPU and GPU functions."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight: expected 2 dimensions (in, out), got shape {weight.shape}")
+    if x.ndim == 0:
+        raise ValueError("x: expected at least 1 dimension (..., in), got a 0-d array")
+    n_in, n_out = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's first dimension {n_in} "
+                         f"(x {x.shape}, weight {weight.shape})")
+    want = x.shape[:-1] + (n_out,)
+    if g.shape != want:
+        raise ValueError(f"grad_output: expected shape {want} (x's leading dimensions + weight's out), "
+                         f"got {g.shape}")
+    return math.prod(x.shape[:-1]), n_in, n_out
+
+
 def linear_backward(grad_output, x, weight, *, bias=True,
                     x_grad=True) -> Tuple[Optional[np.ndarray], np.ndarray, Optional[np.ndarray]]:
     """Gradients of y = x @ weight + bias with respect to x, weight and bias.
@@ -41,19 +59,7 @@ def linear_backward(grad_output, x, weight, *, bias=True,
     _same_dtype(x, "x", g, "grad_output")
     bias = _flag(bias, "bias")
     x_grad = _flag(x_grad, "x_grad")
-    if weight.ndim != 2:
-        raise ValueError(f"weight: expected 2 dimensions (in, out), got shape {weight.shape}")
-    if x.ndim == 0:
-        raise ValueError("x: expected at least 1 dimension (..., in), got a 0-d array")
-    n_in, n_out = weight.shape
-    if x.shape[-1] != n_in:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's first dimension {n_in} "
-                         f"(x {x.shape}, weight {weight.shape})")
-    want = x.shape[:-1] + (n_out,)
-    if g.shape != want:
-        raise ValueError(f"grad_output: expected shape {want} (x's leading dimensions + weight's out), "
-                         f"got {g.shape}")
-    rows = math.prod(x.shape[:-1])
+    rows, n_in, n_out = linear_backward_shapes(g, x, weight)
     x2 = x.reshape(rows, n_in)
     g2 = g.reshape(rows, n_out)
     # matmul's 2-D path packs the transposed views directly (no transpose is copied).
@@ -61,6 +67,10 @@ def linear_backward(grad_output, x, weight, *, bias=True,
     grad_w = matmul(x2.T, g2)                  # (in, rows) @ (rows, out); rows == 0 gives zeros
     grad_b = g2.sum(axis=0) if bias else None  # sum of a 0-row array is zeros, in g's dtype
     return grad_x, grad_w, grad_b
+
+
+def _on_gpu(a) -> bool:
+    return type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__")
 
 
 def _scalar(v):
@@ -71,10 +81,12 @@ def _scalar(v):
 
 
 class Adam:
-    """Adam / AdamW / AMSGrad over a list of numpy arrays, with torch.optim.Adam's arithmetic.
+    """Adam / AdamW / AMSGrad over a list of numpy (or GPU) arrays, with torch.optim.Adam's arithmetic.
 
     params: a list of float32/float64 arrays, C-contiguous, writable and not sharing memory; they are
-    held by reference and updated in place by step(). Hyper-parameters have torch.optim.Adam's names and
+    held by reference and updated in place by step(). GPU arrays (cupy; all params on the GPU, float32 or
+    float16) are updated by the CUDA adam_update, with float32 moments; their state_dict() holds numpy
+    copies, and load_state_dict() moves the arrays back to each parameter's device. Hyper-parameters have torch.optim.Adam's names and
     defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0 (L2 added to the gradient, or
     decoupled as in AdamW with decoupled_weight_decay=True), amsgrad=False, maximize=False. They are plain
     attributes and may be changed between steps (`opt.lr = 1e-4`); every parameter uses the same ones (no
@@ -91,27 +103,61 @@ class Adam:
         if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
             raise TypeError(f"params: expected a list of numpy arrays, got {type(params).__name__}")
         self.params: List[np.ndarray] = list(params)
-        for i, p in enumerate(self.params):
-            name = f"params[{i}]"
-            _array(p, name)
-            if not p.flags.c_contiguous:
-                raise ValueError(f"{name}: must be C-contiguous (it is updated in place; a copy would be "
-                                 "silently lost)")
-            if not p.flags.writeable:
-                raise ValueError(f"{name}: the array is read-only (it is updated in place)")
-            for j in range(i):
-                if p.size and np.may_share_memory(p, self.params[j]):
-                    raise ValueError(f"{name}: shares memory with params[{j}]; each parameter must be "
-                                     "updated once per step")
+        self._cp = None  # cupy, when the params are GPU arrays
+        if any(_on_gpu(p) for p in self.params):
+            self._check_gpu_params()
+        else:
+            for i, p in enumerate(self.params):
+                name = f"params[{i}]"
+                _array(p, name)
+                if not p.flags.c_contiguous:
+                    raise ValueError(f"{name}: must be C-contiguous (it is updated in place; a copy would be "
+                                     "silently lost)")
+                if not p.flags.writeable:
+                    raise ValueError(f"{name}: the array is read-only (it is updated in place)")
+                for j in range(i):
+                    if p.size and np.may_share_memory(p, self.params[j]):
+                        raise ValueError(f"{name}: shares memory with params[{j}]; each parameter must be "
+                                         "updated once per step")
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.decoupled_weight_decay, self.amsgrad, self.maximize = decoupled_weight_decay, amsgrad, maximize
         self._hyper()
         self.state = [self._fresh_state(p) for p in self.params]
 
-    def _fresh_state(self, p: np.ndarray) -> dict:
-        s = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+    def _check_gpu_params(self) -> None:
+        from . import _gpu  # imported here: fastnn._gpu imports this module
+        c = _gpu._Call("Adam")
+        self._cp = c.cp
+        for i, p in enumerate(self.params):
+            name = f"params[{i}]"
+            if not _on_gpu(p):
+                raise TypeError(f"{name}: expected a GPU array like params[0]: all params of one Adam must be on "
+                                f"one side, got {type(p).__name__}")
+            if not isinstance(p, c.cp.ndarray):
+                raise TypeError(f"{name}: expected a cupy.ndarray (updated in place), got {type(p).__name__}")
+            c.array(p, name)
+            if not p.flags.c_contiguous:
+                raise ValueError(f"{name}: must be C-contiguous (it is updated in place; a copy would be "
+                                 "silently lost)")
+            for j in range(i):
+                if p.size and c.cp.may_share_memory(p, self.params[j]):
+                    raise ValueError(f"{name}: shares memory with params[{j}]; each parameter must be "
+                                     "updated once per step")
+
+    def _state_dtype(self, p):
+        """The moments' dtype: the parameter's on the CPU, float32 on the GPU (see adam_update)."""
+        return np.dtype(np.float32) if self._cp is not None else p.dtype
+
+    def _zeros(self, p):
+        if self._cp is None:
+            return np.zeros_like(p)
+        with p.device:
+            return self._cp.zeros(p.shape, self._cp.float32)
+
+    def _fresh_state(self, p) -> dict:
+        s = {"step": 0, "exp_avg": self._zeros(p), "exp_avg_sq": self._zeros(p)}
         if self.amsgrad:
-            s["max_exp_avg_sq"] = np.zeros_like(p)
+            s["max_exp_avg_sq"] = self._zeros(p)
         return s
 
     def _hyper(self) -> dict:
@@ -151,10 +197,21 @@ class Adam:
             if g is None:
                 continue
             name = f"grads[{i}]"
-            _array(g, name)
+            if self._cp is None:
+                _array(g, name)
+            elif not _on_gpu(g):
+                raise TypeError(f"{name}: expected a GPU array (the params are on the GPU), got {type(g).__name__}")
             _same_dtype(p, f"params[{i}]", g, name)
             if g.shape != p.shape:
                 raise ValueError(f"{name}: shape {g.shape} does not match params[{i}]'s shape {p.shape}")
+        if self._cp is not None:
+            from . import _gpu
+            for p, g, s in zip(self.params, grads, self.state):
+                if g is not None:
+                    s["step"] += 1
+                    _gpu.adam_update(p, g, s["exp_avg"], s["exp_avg_sq"], step=s["step"],
+                                     max_exp_avg_sq=s["max_exp_avg_sq"] if amsgrad else None, **h)
+            return
         lr, beta1, beta2, eps, wd = h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
         decoupled, maximize = h["decoupled_weight_decay"], h["maximize"]
         for p, g, s in zip(self.params, grads, self.state):
@@ -186,7 +243,10 @@ class Adam:
              "amsgrad": bool(self.amsgrad), "maximize": h["maximize"], "num_params": len(self.params)}
         for i, s in enumerate(self.state):
             for k, v in s.items():
-                d[f"state.{i}.{k}"] = v.copy() if isinstance(v, np.ndarray) else int(v)
+                if isinstance(v, int):
+                    d[f"state.{i}.{k}"] = int(v)
+                else:  # a numpy copy (GPU state too: np.savez needs host arrays)
+                    d[f"state.{i}.{k}"] = v.copy() if self._cp is None else self._cp.asnumpy(v)
         return d
 
     def load_state_dict(self, state_dict) -> None:
@@ -227,11 +287,20 @@ class Adam:
                 key = f"state.{i}.{a}"
                 if key not in d:
                     raise ValueError(f"state_dict: missing key {key!r}")
-                v = _array(d[key], key)
-                _same_dtype(p, f"params[{i}]", v, key)
+                v = d[key]
+                if self._cp is not None and _on_gpu(v):
+                    v = self._cp.asnumpy(v)
+                v = _array(v, key)
+                want = self._state_dtype(p)
+                if v.dtype != want:
+                    raise TypeError(f"{key}: dtype {v.dtype} does not match the state's dtype {want}")
                 if v.shape != p.shape:
                     raise ValueError(f"{key}: shape {v.shape} does not match params[{i}]'s shape {p.shape}")
-                s[a] = np.array(v, order="C", copy=True)
+                if self._cp is None:
+                    s[a] = np.array(v, order="C", copy=True)
+                else:
+                    with p.device:
+                        s[a] = self._cp.array(v, order="C", copy=True)
             new_state.append(s)
         old = {k: getattr(self, k) for k in ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay",
                                              "amsgrad", "maximize")}

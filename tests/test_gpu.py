@@ -406,8 +406,80 @@ def test_sdpa_errors():
         fastnn.scaled_dot_product_attention(q, np.ones((2, 4, 8), np.float32), q)
     with pytest.raises(ValueError, match="dropout_p"):
         fastnn.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError):
-        fastnn.scaled_dot_product_attention_backward(q, q, q, q, q, q[..., 0])
+    with pytest.raises(ValueError, match="lse: expected shape"):
+        fastnn.scaled_dot_product_attention_backward(q, q, q, q, q, q)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"mask": "bool"}, {"mask": "float"}, {"enable_gqa": True}],
+                         ids=str)
+def test_sdpa_backward_matches_the_cpu(rng, dtype, kw):
+    kw = dict(kw)
+    q, k, v = _attn_case(rng, dtype, (2, 4), 37, 45, 24, 16, hk=2 if kw.get("enable_gqa") else None)
+    mask = kw.pop("mask", None)
+    if mask == "bool":
+        mask = rng.random((37, 45)) < 0.7
+        mask[3] = False                                  # a fully masked row
+    elif mask == "float":
+        mask = rand(rng, (2, 1, 37, 45), dtype)
+    m64 = mask if mask is None or mask.dtype == np.bool_ else f64(mask)
+    o, lse = fastnn.scaled_dot_product_attention(f64(q), f64(k), f64(v), attn_mask=m64, return_lse=True, **kw)
+    g = rand(rng, o.shape, dtype)
+    want = fastnn.scaled_dot_product_attention_backward(f64(g), f64(q), f64(k), f64(v), o, lse, attn_mask=m64, **kw)
+    got = fastnn.scaled_dot_product_attention_backward(
+        gpu(g), gpu(q), gpu(k), gpu(v), gpu(o.astype(dtype)), gpu(lse.astype(dtype)),
+        attn_mask=None if mask is None else gpu(mask), **kw)
+    for a, b in zip(got, want):
+        assert isinstance(a, cp.ndarray) and a.dtype == dtype and a.shape == b.shape
+        check(a, b, dtype, tol=TOL[dtype] * (1 if dtype == np.float32 else 20))
+
+
+# ---- training --------------------------------------------------------------------------------------------
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_backward_matches_the_cpu(rng, dtype):
+    x, w, g = rand(rng, (3, 7, 33), dtype), rand(rng, (33, 20), dtype), rand(rng, (3, 7, 20), dtype)
+    want = fastnn.linear_backward(f64(g), f64(x), f64(w))
+    got = fastnn.linear_backward(gpu(g), gpu(x), gpu(w))
+    for a, b in zip(got, want):
+        assert isinstance(a, cp.ndarray) and a.dtype == dtype
+        check(a, b, dtype)
+    gx, gw, gb = fastnn.linear_backward(gpu(g), gpu(x), gpu(w), bias=False, x_grad=False)
+    assert gx is None and gb is None
+    check(gw, want[1], dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_optimizer_on_gpu_arrays(rng, dtype):
+    shapes = [(5, 3), (3,), (17,)]
+    host = [rand(rng, s, dtype) for s in shapes]
+    params = [gpu(p) for p in host]
+    ref_params = [f64(p) for p in host]
+    opt = fastnn.Adam(params, lr=1e-2, amsgrad=True, weight_decay=0.01)
+    ref_state = [(np.zeros(s), np.zeros(s), np.zeros(s)) for s in shapes]
+    for step in range(1, 4):
+        grads = [rand(rng, s, dtype) for s in shapes]
+        opt.step([gpu(g) for g in grads])
+        for p, g, (m, v, vmax) in zip(ref_params, grads, ref_state):
+            ref.adam_update(p, f64(g), m, v, step=step, lr=1e-2, weight_decay=0.01, max_exp_avg_sq=vmax)
+    for p, r in zip(params, ref_params):
+        check(p, r, dtype)
+    sd = opt.state_dict()
+    assert all(isinstance(v, (int, float, bool)) or type(v) is np.ndarray for v in sd.values())
+    other = fastnn.Adam([p.copy() for p in params], lr=1e-2, amsgrad=True, weight_decay=0.01)
+    other.load_state_dict(sd)
+    grads = [gpu(rand(rng, s, dtype)) for s in shapes]
+    opt.step(grads)
+    other.step(grads)
+    for a, b in zip(opt.params, other.params):
+        assert cp.array_equal(a, b)
+    with pytest.raises(TypeError, match=r"grads\[0\]: expected a GPU array"):
+        opt.step([np.zeros(s, dtype) for s in shapes])
+    with pytest.raises(TypeError, match=r"params\[1\]: expected a GPU array"):
+        fastnn.Adam([params[0], host[1]])
 
 
 # ---- Adam -----------------------------------------------------------------------------------------------
