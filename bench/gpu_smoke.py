@@ -70,6 +70,20 @@ for plain in (False, True):
                       fastnn.scaled_dot_product_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), enable_gqa=True, **gkw),
                       ref.scaled_dot_product_attention(q.astype(float), k.astype(float), v.astype(float), enable_gqa=True, **kw),
                       tol)
+                # the backward (composed of the CUDA matmul and cupy ops) against the CPU kernel in float64
+                q64, k64, v64 = q.astype(float), k.astype(float), v.astype(float)
+                o, lse = fastnn.scaled_dot_product_attention(q64, k64, v64, enable_gqa=True, return_lse=True, **kw)
+                go = rng.standard_normal(o.shape)
+                want = fastnn.scaled_dot_product_attention_backward(go, q64, k64, v64, o, lse, enable_gqa=True, **kw)
+                got = fastnn.scaled_dot_product_attention_backward(
+                    cp.asarray(go.astype(dt)), cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(o.astype(dt)),
+                    cp.asarray(lse.astype(dt)), enable_gqa=True, **gkw)
+                for name, g_, w_ in zip("qkv", got, want):
+                    close(f"sdpa_backward d{name} {tag} {list(kw)}", g_, w_, 20 * tol)
+            gx, gw, gb = fastnn.linear_backward(cp.asarray(b2[:, :64].T.copy()), cp.asarray(a2[:64]), cp.asarray(b2[:, :64]))
+            wx, ww, wb = fastnn.linear_backward(b2[:, :64].T.astype(float), a2[:64].astype(float), b2[:, :64].astype(float))
+            for name, g_, w_ in (("x", gx, wx), ("weight", gw, ww), ("bias", gb, wb)):
+                close(f"linear_backward d{name} {tag}", g_, w_, tol)
             n = 1003
             p = rng.standard_normal(n).astype(dt)
             gr = rng.standard_normal(n).astype(dt)
@@ -79,6 +93,10 @@ for plain in (False, True):
                 fastnn.adam_update(gp, cp.asarray(gr), gm, gv, step=step, lr=1e-2, weight_decay=0.1, max_exp_avg_sq=gvm)
                 ref.adam_update(rp, gr.astype(float), rm, rv, step=step, lr=1e-2, weight_decay=0.1, max_exp_avg_sq=rvm)
             close(f"adam {tag}", gp, rp, tol)
+            gparams = [cp.asarray(p), cp.asarray(p[:7])]
+            opt = fastnn.Adam(gparams, lr=1e-2, amsgrad=True)
+            opt.step([cp.asarray(gr), cp.asarray(gr[:7])])
+            opt.load_state_dict(opt.state_dict())
 cp.cuda.Device().synchronize()
 if failures:
     sys.exit("gpu_smoke FAILED:\n  " + "\n  ".join(failures))

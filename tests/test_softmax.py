@@ -236,9 +236,10 @@ def test_zero_dim_rejected(name):
         getattr(fastnn, name)(np.array(1.0))
 
 
-# Results of 8 MiB and more with rows of 2 KiB and more are streamed past the cache from a scratch row
-# (on the stack up to 8 KiB, else the heap; rows beyond 512 KiB are computed in the output itself). Odd
-# row lengths start most rows off a cache line, so the peeled heads and tails are exercised too.
+# Results of 8 MiB and more with rows of 2 KiB and more are streamed past the cache (softmax and
+# cross_entropy from a scratch row: on the stack up to 8 KiB, else the heap; rows beyond 512 KiB are
+# computed in the output itself; softmax_backward directly). Odd row lengths start most rows off a cache
+# line, so the partial heads and tails are exercised too.
 STREAMED = [(np.float32, (1031, 2053)), (np.float64, (517, 2053)), (np.float32, (2053, 1031)),
             (np.float32, (17, 131101))]
 
@@ -253,6 +254,10 @@ def test_streamed_results(isa, rng, dtype, shape):
         out = poisoned(shape, dtype)
         assert getattr(fastnn, name)(x, out=out) is out
         assert_close(out, getattr(ref, name)(x64), dtype, k=shape[1])
+    y = ref.softmax(x64).astype(dtype)
+    g = make_array(rng, shape, dtype)
+    got = fastnn.softmax_backward(g, y)
+    assert_close(got, ref.softmax_backward(*f64(g, y)), dtype, k=shape[1], scale=softmax_backward_scale(g, y))
     labels = rng.integers(0, shape[1], shape[0])
     loss, grad = fastnn.cross_entropy(x, labels)
     ref_loss, ref_grad = ref.cross_entropy(x64, labels)

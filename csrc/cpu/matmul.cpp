@@ -53,11 +53,12 @@ void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& 
     std::fill(bias_pad + N, bias_pad + round_up(N, NR), T(0));
   }
   const int64_t m_panels = (M + kMR - 1) / kMR;
-  // Row blocks of at most kMC rows, as many as a multiple of the threads (when there are enough panels)
-  // and of equal size to within a panel: thread imbalance, not the block size, limited the scaling
-  // (1024 rows as 5 x 192 + 64 ran 1.68x faster on 2 threads; 256 rows as 192 + 64, 1.34x).
+  // Row blocks of at most kMC rows and of equal size to within a panel; when there are several, as many
+  // as a multiple of the threads (when there are enough panels): thread imbalance limited the scaling
+  // (1024 rows as 5 x 192 + 64 ran 1.68x faster on 2 threads; 256 rows as 192 + 64, 1.34x). A single
+  // block stays whole and the threads split the N panels instead (each then reads the B panels it packed).
   int64_t m_blocks = (m_panels + kMC / kMR - 1) / (kMC / kMR);
-  if (nt > 1) m_blocks = std::min(m_panels, round_up(m_blocks, nt));
+  if (nt > 1 && m_blocks > 1) m_blocks = std::min(m_panels, round_up(m_blocks, nt));
   // A with unit column stride is read in place by the micro-kernel (full panels); only a partial last
   // panel is packed (zero-padded rows). Other layouts are packed.
   const bool direct_a = g.a_cs == 1;
