@@ -75,13 +75,15 @@ inline void pack_b_panel(const T* B, int64_t b_rs, int64_t b_cs, int64_t kc, int
   }
 }
 
-// C[0:mr, 0:nr] (=|+=) A_panel * Bp_panel over kc; then, on the last K block, + bias and relu.
+// C[0:mr, 0:nr] (=|+=) A_panel * B_panel over kc; then, on the last K block, + bias and relu.
 // A panel element (r, k) is at a[r * a_rs + k * a_cs]: a packed panel has (a_rs, a_cs) = (1, kMR); a
-// row-major A can also be read in place with (lda, 1), which saves packing small products.
+// row-major A can also be read in place with (lda, 1), which saves packing small products. B panel row k
+// (NR contiguous elements) is at b + k * b_rs: b_rs = NR for a packed panel, or a row-major B's row
+// stride to read it in place (all NR columns must exist).
 template <typename T, int NRV = kNRV>
 inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, int64_t a_rs, int64_t a_cs,
-                         const T* FASTNN_RESTRICT b, T* c, int64_t ldc, int64_t mr, int64_t nr, bool accumulate,
-                         const T* bias, bool relu) {
+                         const T* FASTNN_RESTRICT b, int64_t b_rs, T* c, int64_t ldc, int64_t mr, int64_t nr,
+                         bool accumulate, const T* bias, bool relu) {
   constexpr int64_t W = kLanes<T>, NR = NRV * W;
   Vec<T> acc[kMR][NRV];
 #pragma GCC unroll 16
@@ -91,7 +93,7 @@ inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, int64_t a_rs, i
   for (int64_t k = 0; k < kc; ++k) {
     Vec<T> bv[NRV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NRV; ++v) bv[v] = vload(b + k * NR + v * W);
+    for (int v = 0; v < NRV; ++v) bv[v] = vload(b + k * b_rs + v * W);
 #pragma GCC unroll 16
     for (int i = 0; i < kMR; ++i) {
       const Vec<T> av = vset<T>(a[i * a_rs + k * a_cs]);
@@ -151,7 +153,7 @@ inline void gemm_packed(const T* Ap, const T* Bp, int64_t rows, int64_t cols, in
   constexpr int64_t NR = kNR<T>;
   for (int64_t jp = 0; jp * NR < cols; ++jp)
     for (int64_t ip = 0; ip * kMR < rows; ++ip)
-      micro_kernel<T>(kc, Ap + ip * kMR * kc, 1, kMR, Bp + jp * NR * kc, C + ip * kMR * ldc + jp * NR, ldc,
+      micro_kernel<T>(kc, Ap + ip * kMR * kc, 1, kMR, Bp + jp * NR * kc, NR, C + ip * kMR * ldc + jp * NR, ldc,
                       std::min<int64_t>(kMR, rows - ip * kMR), std::min(NR, cols - jp * NR), accumulate, nullptr,
                       false);
 }

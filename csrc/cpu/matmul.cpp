@@ -109,7 +109,7 @@ void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& 
               const int64_t i = ip * kMR;
               const bool in_place = ip < a_pack_first;
               const T* a = in_place ? A + i * g.a_rs + pc : Ap + ip * kMR * kc;
-              micro_kernel<T, NRV>(kc, a, in_place ? g.a_rs : 1, in_place ? 1 : kMR, Bp + jp * NR * kc,
+              micro_kernel<T, NRV>(kc, a, in_place ? g.a_rs : 1, in_place ? 1 : kMR, Bp + jp * NR * kc, NR,
                                    C + i * g.ldc + jc + j, g.ldc, std::min<int64_t>(kMR, M - i), nr, pc > 0,
                                    last && g.bias ? bias_pad + jc + j : nullptr, last && g.relu);
             }

@@ -1,7 +1,13 @@
 // Flash-style scaled dot-product attention: for each (head, block of kBq queries) the keys are visited in
-// blocks of kBc with an online softmax, so memory beyond the output is O(kBq * (E + kBc + Ev)) per thread,
-// never L x S. Both products (Q K^T and P V) go through the GEMM packing and micro-kernel; key blocks
-// entirely above the diagonal are skipped when causal.
+// blocks of kFc with an online softmax, so memory beyond the output is O(kBq * (E + kFc + Ev)) per thread,
+// never L x S. Both products go through the GEMM micro-kernel; key blocks entirely above the diagonal
+// are skipped when causal.
+//
+// The forward works on the transposed scores S^T = K Q^T (keys x queries): K is then the A operand, read
+// in place (its rows are contiguous), and only Q^T is packed, once per query block; the online softmax
+// runs down the columns with the queries in the vector lanes (no horizontal reductions); and
+// O += P V reads P^T in place as the A operand. (Scores as Q K^T instead needed K^T packed for every
+// query block, a strided gather that took a fifth of the time.)
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -16,46 +22,49 @@ namespace fastnn::cpu::FASTNN_ISA {
 
 namespace {
 
-constexpr int64_t kBq = 8 * kMR;  // queries per block: whole A panels
-template <typename T> constexpr int64_t kBc = 4 * kNR<T>;  // keys per block: whole B panels
+constexpr int64_t kBq = 8 * kMR;  // queries per block: whole A panels (backward); a multiple of NR and of the lanes
+template <typename T> constexpr int64_t kBc = 4 * kNR<T>;  // keys per block in the backward: whole B panels
+constexpr int64_t kFc = 16 * kMR;  // keys per block in the forward: whole A panels of K
 
 template <typename T> struct SdpaWorkspace {
-  int64_t e_pad, ev_pad;
-  AlignedBuffer qp, kp, s, vp, o;
-  std::vector<T> m, l;
+  int64_t ev_pad;
+  AlignedBuffer qt, kp, st, vp, o;
+  std::vector<T> m, l, alpha;
   SdpaWorkspace(int64_t E, int64_t Ev)
-      : e_pad(std::max<int64_t>(E, 1)),
-        ev_pad(round_up(std::max<int64_t>(Ev, 1), kNR<T>)),
-        qp(sizeof(T) * kBq * e_pad),
-        kp(sizeof(T) * kBc<T> * e_pad),
-        s(sizeof(T) * kBq * kBc<T>),
-        vp(sizeof(T) * kBc<T> * ev_pad),
+      : ev_pad(round_up(std::max<int64_t>(Ev, 1), kNR<T>)),
+        qt(sizeof(T) * std::max<int64_t>(E, 1) * kBq),    // scale * Q^T as B panels (kc = E)
+        kp(sizeof(T) * kMR * std::max<int64_t>(E, 1)),    // a last, partial panel of K rows
+        st(sizeof(T) * kFc * kBq),                         // S^T, then P^T (row stride kBq)
+        vp(sizeof(T) * kFc * ev_pad),                      // V as B panels (kc = bc)
         o(sizeof(T) * kBq * ev_pad),
         m(kBq),
-        l(kBq) {
-    // Rows of the last A panel past the block's queries are read (never stored): keep them finite.
-    std::fill(static_cast<T*>(s.p), static_cast<T*>(s.p) + kBq * kBc<T>, T(0));
+        l(kBq),
+        alpha(kBq) {
+    // Columns of S^T past a short last query block are read (never used): keep them finite.
+    std::fill(static_cast<T*>(st.p), static_cast<T*>(st.p) + kFc * kBq, T(0));
   }
 };
 
-// Applies the causal rule and the mask to the scores tile s (bq x bc, row stride lds) of queries q0..
-// and keys k0.. of head b: disallowed scores become -inf, a float mask is added. (The scale is already
-// in the scores: Q is scaled when it is packed, see pack_scaled_q.)
+// Applies the causal rule and the mask to a scores tile of queries q0.. (bq of them) and keys k0.. (bc) of
+// head b, whose element (i, j) is s[i * sq + j * sk]: disallowed scores become -inf, a float mask is added.
+// (The scale is already in the scores: Q is scaled when it is packed.)
 template <typename T>
-void mask_scores(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, T* s, int64_t lds) {
+void mask_scores(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, T* s, int64_t sq,
+                 int64_t sk) {
   const T ninf = -std::numeric_limits<T>::infinity();
   if (!a.causal && !a.fmask && !a.bmask) return;
-  for (int64_t i = 0; i < bq; ++i, s += lds) {
+  for (int64_t i = 0; i < bq; ++i) {
     const int64_t qi = q0 + i;
+    T* si = s + i * sq;
     const int64_t jend = a.causal ? std::max<int64_t>(0, std::min(bc, qi - k0 + 1)) : bc;
-    for (int64_t j = jend; j < bc; ++j) s[j] = ninf;
+    for (int64_t j = jend; j < bc; ++j) si[j * sk] = ninf;
     if (a.fmask || a.bmask) {
       const int64_t mo = a.m_off[b] + qi * a.m_rs + k0 * a.m_cs;
       if (a.fmask) {
-        for (int64_t j = 0; j < jend; ++j) s[j] += a.fmask[mo + j * a.m_cs];
+        for (int64_t j = 0; j < jend; ++j) si[j * sk] += a.fmask[mo + j * a.m_cs];
       } else {
         for (int64_t j = 0; j < jend; ++j)
-          if (!a.bmask[mo + j * a.m_cs]) s[j] = ninf;
+          if (!a.bmask[mo + j * a.m_cs]) si[j * sk] = ninf;
       }
     }
   }
@@ -68,88 +77,98 @@ template <typename T> void pack_scaled_q(const SdpaArgs<T>& a, const T* Q, int64
   for (int64_t i = 0; i < n; ++i) Qp[i] *= a.scale;
 }
 
-// Row max that propagates NaN: a NaN score must make the row NaN, not look like "no allowed key".
-template <typename T> T row_nanmax(const T* s, int64_t n, T init) {
-  constexpr int64_t W = kLanes<T>;
-  int64_t j = 0;
-  T m = init;
-  if (n >= W) {
-    Vec<T> mv = vset<T>(init);
-    for (; j + W <= n; j += W) {
-      const Vec<T> v = vload(s + j);
-      mv = (v > mv) | (v != v) ? v : mv;
-    }
-    for (int64_t t = 0; t < W; ++t) m = (mv[t] > m || mv[t] != mv[t]) ? mv[t] : m;
-  }
-  for (; j < n; ++j) m = (s[j] > m || s[j] != s[j]) ? s[j] : m;
-  return m;
-}
-
 template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q0, SdpaWorkspace<T>& ws) {
-  constexpr int64_t NR = kNR<T>, Bc = kBc<T>, W = kLanes<T>;
+  constexpr int64_t NR = kNR<T>, W = kLanes<T>, ld = kBq;
+  using V = Vec<T>;
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t E = a.E, Ev = a.Ev, S = a.S;
   const int64_t bq = std::min(kBq, a.L - q0);
+  const int64_t bq_lanes = round_up(bq, W);
   const T* Q = a.Q + a.q_off[b] + q0 * a.q_rs;
   const T* K = a.K + a.k_off[b];
-  const T* V = a.V + a.v_off[b];
-  T* Qp = static_cast<T*>(ws.qp.p);
+  const T* Vm = a.V + a.v_off[b];
+  T* Qt = static_cast<T*>(ws.qt.p);
   T* Kp = static_cast<T*>(ws.kp.p);
-  T* Sb = static_cast<T*>(ws.s.p);
+  T* St = static_cast<T*>(ws.st.p);
   T* Vp = static_cast<T*>(ws.vp.p);
   T* Ob = static_cast<T*>(ws.o.p);
   const int64_t ldo = ws.ev_pad;
   T* m = ws.m.data();
   T* l = ws.l.data();
+  T* alpha = ws.alpha.data();
 
-  pack_scaled_q(a, Q, bq, Qp);
+  // B operand (e, i) = scale * Q[i][e]: packed once for all key blocks.
+  pack_b(Q, int64_t(1), a.q_rs, E, bq, Qt);
+  for (int64_t n = round_up(bq, NR) * E, i = 0; i < n; ++i) Qt[i] *= a.scale;
   std::fill(Ob, Ob + kBq * ldo, T(0));
   std::fill(m, m + kBq, ninf);
   std::fill(l, l + kBq, T(0));
 
-  // Causal: keys past the last query of this block are masked for every row of it.
+  // Causal: keys past the last query of this block are masked for every query of it.
   const int64_t s_end = a.causal ? std::min(S, q0 + bq) : S;
-  for (int64_t k0 = 0; k0 < s_end; k0 += Bc) {
-    const int64_t bc = std::min(Bc, s_end - k0);
-    // Scores: Sb[i][j] = scale * q_i . k_j (B operand element (e, j) = K[j][e]), then masked.
-    pack_b(K + k0 * a.k_rs, int64_t(1), a.k_rs, E, bc, Kp);
-    gemm_packed(Qp, Kp, bq, bc, E, Sb, Bc, false);
-    mask_scores(a, b, q0, bq, k0, bc, Sb, Bc);
-    // Online softmax: Sb becomes P = exp(s - m_new) in place (row-major), l and O are rescaled.
-    for (int64_t i = 0; i < bq; ++i) {
-      T* s = Sb + i * Bc;
-      const T m_new = row_nanmax(s, bc, m[i]);
-      if (m_new == ninf) {  // nothing allowed yet for this row
-        std::fill(s, s + bc, T(0));
-        continue;
-      }
-      const T alpha = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first allowed block
-      const Vec<T> mv = vset<T>(m_new);
-      Vec<T> acc{};
-      int64_t j = 0;
-      for (; j + W <= bc; j += W) {
-        const Vec<T> e = vexp(vload(s + j) - mv);
-        vstore(s + j, e);
-        acc += e;
-      }
-      T sum = hsum(acc);
-      for (; j < bc; ++j) {
-        s[j] = std::exp(s[j] - m_new);
-        sum += s[j];
-      }
-      l[i] = l[i] * alpha + sum;
-      m[i] = m_new;
-      if (alpha != T(1)) {
-        T* o = Ob + i * ldo;
-        for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha;
-      }
+  for (int64_t k0 = 0; k0 < s_end; k0 += kFc) {
+    const int64_t bc = std::min(kFc, s_end - k0);
+    // S^T[j][i] = scale * k_j . q_i: whole panels of K rows read in place, a partial last one packed.
+    for (int64_t jp = 0; jp * kMR < bc; ++jp) {
+      const int64_t j = jp * kMR, mr = std::min<int64_t>(kMR, bc - j);
+      const T* Kj = K + (k0 + j) * a.k_rs;
+      const bool in_place = mr == kMR;
+      if (!in_place) pack_a_panel(Kj, a.k_rs, int64_t(1), mr, E, Kp);
+      for (int64_t ip = 0; ip * NR < bq; ++ip)
+        micro_kernel<T>(E, in_place ? Kj : Kp, in_place ? a.k_rs : 1, in_place ? 1 : kMR, Qt + ip * NR * E, NR,
+                        St + j * ld + ip * NR, ld, mr, std::min(NR, bq - ip * NR), false, nullptr, false);
     }
-    // O += P V over this key block (kc = bc). P is read in place as a row-major A operand; the rows of
-    // the last panel past bq hold stale finite values whose results are never stored.
-    pack_b(V + k0 * a.v_rs, a.v_rs, int64_t(1), bc, Ev, Vp);
+    mask_scores(a, b, q0, bq, k0, bc, St, int64_t(1), ld);
+    // Online softmax down the columns, W queries at a time: S^T becomes P^T = exp(s - m_new) in place;
+    // l and the O rows are rescaled by alpha = exp(m_old - m_new).
+    for (int64_t i = 0; i < bq_lanes; i += W) {
+      const V m_old = vload(m + i);
+      // Column max in four independent chains (a single one is latency-bound); NaNs are collected
+      // apart and propagate: a NaN score makes the row NaN.
+      V mx[4] = {m_old, m_old, m_old, m_old};
+      IVec<T> nan{};
+      int64_t j = 0;
+      for (; j + 4 <= bc; j += 4)
+        for (int u = 0; u < 4; ++u) {
+          const V v = vload(St + (j + u) * ld + i);
+          mx[u] = vmax(mx[u], v);
+          nan |= v != v;
+        }
+      for (; j < bc; ++j) {
+        const V v = vload(St + j * ld + i);
+        mx[0] = vmax(mx[0], v);
+        nan |= v != v;
+      }
+      V m_new = vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3]));
+      m_new = nan ? vset<T>(std::numeric_limits<T>::quiet_NaN()) : m_new;
+      const auto none = m_new == vset<T>(ninf);         // nothing allowed yet: P = 0, nothing rescaled
+      const V m_sub = none ? V{} : m_new;
+      const V al = none ? vset<T>(T(1)) : vexp(m_old - m_new);  // exp(-inf) = 0 on the first allowed block
+      V sum{};
+      for (int64_t j = 0; j < bc; ++j) {
+        const V e = vexp(vload(St + j * ld + i) - m_sub);
+        vstore(St + j * ld + i, e);
+        sum += e;
+      }
+      vstore(l + i, vload(l + i) * al + sum);
+      vstore(m + i, m_new);
+      vstore(alpha + i, al);
+    }
+    for (int64_t i = 0; i < bq; ++i) {
+      if (alpha[i] == T(1)) continue;
+      T* o = Ob + i * ldo;
+      const V av = vset<T>(alpha[i]);
+      for (int64_t c = 0; c < ldo; c += W) vstore(o + c, vload(o + c) * av);
+    }
+    // O += P V over this key block (kc = bc), P^T read in place: A element (i, j) = P^T[j][i]. V is read
+    // in place too when its rows hold whole panels, else packed.
+    const T* Vk = Vm + k0 * a.v_rs;
+    const bool v_in_place = Ev % NR == 0;
+    if (!v_in_place) pack_b(Vk, a.v_rs, int64_t(1), bc, Ev, Vp);
     for (int64_t cp = 0; cp * NR < Ev; ++cp)
       for (int64_t ip = 0; ip * kMR < bq; ++ip)
-        micro_kernel<T>(bc, Sb + ip * kMR * Bc, Bc, 1, Vp + cp * NR * bc, Ob + ip * kMR * ldo + cp * NR, ldo,
+        micro_kernel<T>(bc, St + ip * kMR, 1, ld, v_in_place ? Vk + cp * NR : Vp + cp * NR * bc,
+                        v_in_place ? a.v_rs : NR, Ob + ip * kMR * ldo + cp * NR, ldo,
                         std::min<int64_t>(kMR, bq - ip * kMR), std::min(NR, Ev - cp * NR), true, nullptr, false);
   }
   T* out = a.O + b * a.o_bs + q0 * Ev;
@@ -259,7 +278,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
       const int64_t bq = std::min(kBq, L - q0);
       pack_scaled_q<T>(a, Q + q0 * a.q_rs, bq, Qp);
       gemm_packed(Qp, Kt, bq, bc, E, P, Bc, false);
-      mask_scores<T>(a, b, q0, bq, k0, bc, P, Bc);
+      mask_scores<T>(a, b, q0, bq, k0, bc, P, Bc, int64_t(1));
       pack_a(dO + q0 * Ev, Ev, int64_t(1), bq, Ev, dOp);
       gemm_packed(dOp, Vt, bq, bc, Ev, dP, Bc, false);
       for (int64_t i = 0; i < bq; ++i) {
