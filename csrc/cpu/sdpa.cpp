@@ -232,7 +232,7 @@ template <typename T> struct SdpaBackwardWorkspace {
 };
 
 template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int64_t b, SdpaBackwardWorkspace<T>& ws) {
-  constexpr int64_t Bc = kBc<T>;
+  constexpr int64_t Bc = kBc<T>, W = kLanes<T>;
   const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev;
   const T ninf = -std::numeric_limits<T>::infinity();
   const T* Q = a.Q + a.q_off[b];
@@ -289,7 +289,14 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
           for (int64_t j = 0; j < bc; ++j) pr[j] = dr[j] = T(0);
           continue;
         }
-        for (int64_t j = 0; j < bc; ++j) {
+        const Vec<T> lv = vset<T>(l), dv = vset<T>(di), sv = vset<T>(a.scale);
+        int64_t j = 0;
+        for (; j + W <= bc; j += W) {
+          const Vec<T> pj = vexp(vload(pr + j) - lv);
+          vstore(pr + j, pj);
+          vstore(dr + j, sv * pj * (vload(dr + j) - dv));
+        }
+        for (; j < bc; ++j) {
           const T pj = std::exp(pr[j] - l);
           pr[j] = pj;
           dr[j] = a.scale * pj * (dr[j] - di);
