@@ -85,6 +85,9 @@ inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, int64_t a_rs, i
                          const T* FASTNN_RESTRICT b, int64_t b_rs, T* c, int64_t ldc, int64_t mr, int64_t nr,
                          bool accumulate, const T* bias, bool relu) {
   constexpr int64_t W = kLanes<T>, NR = NRV * W;
+  // The C tile is read (accumulate) or written at the end: fetch its lines now, while the K loop runs.
+  for (int64_t i = 0; i < mr; ++i)
+    for (int v = 0; v < NRV; ++v) __builtin_prefetch(c + i * ldc + v * W, 1);
   Vec<T> acc[kMR][NRV];
 #pragma GCC unroll 16
   for (int i = 0; i < kMR; ++i)
