@@ -81,8 +81,11 @@ void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& 
       const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_panels, (2 * nt + m_blocks - 1) / m_blocks));
       const int64_t tasks = m_blocks * n_chunks;
       const int64_t a_packs = m_panels - a_pack_first;
-      for (int64_t pc = 0; pc < K; pc += kKC) {
-        const int64_t kc = std::min(kKC, K - pc);
+      // K blocks of equal size (at most kKC): 784 = 4 x 196, not 3 x 256 + 16 (a short last block costs
+      // a full pass over C for little work).
+      const int64_t kblocks = (K + kKC - 1) / kKC, kstep = (K + kblocks - 1) / kblocks;
+      for (int64_t pc = 0; pc < K; pc += kstep) {
+        const int64_t kc = std::min(kstep, K - pc);
         const bool last = pc + kc == K;
         // Packed A panels for this K block sit at Ap[panel * kMR * kc].
         const int64_t packs = n_panels + a_packs;
