@@ -885,13 +885,21 @@ class Timing:
     calls: int
 
 
-def time_call(fn, budget=0.5, min_samples=5, max_samples=1000, first=None) -> Timing:
+def time_call(fn, budget=0.5, min_samples=5, max_samples=1000, first=None, warmup=0.0) -> Timing:
     """Median seconds per call of fn(), already warmed up by the caller.
 
     Samples are taken until `budget` seconds have passed and at least `min_samples` were taken. Calls
     shorter than ~100 us are grouped so one sample spans about 100 us, well above timer overhead.
     `first`: the seconds the caller's warm-up call took; above 1 ms it spares a call to size the groups.
+    `warmup`: seconds of untimed calls first (when a call is shorter). On virtual machines the first
+    touches of memory the host has reclaimed cost up to ten times more for a while (a 32 MiB fresh output
+    took 31 ms instead of 3 for about a second); every implementation gets the same warm-up, so each is
+    timed in its steady state.
     """
+    if first is not None and first < warmup:
+        end = time.perf_counter() + warmup
+        while time.perf_counter() < end:
+            fn()
     start = time.perf_counter()
     if first is None or first < 1e-3:
         fn()
@@ -1017,7 +1025,7 @@ def run_case(case: Case, torch=None, quick=False, limits=None, seed=0, inputs=No
         del result
         note_threads(threads, blas=case.blas and name == "numpy")
         settle()
-        row.times[name] = time_call(fn, budget=budget, first=first,
+        row.times[name] = time_call(fn, budget=budget, first=first, warmup=0.0 if quick else 0.3,
                                     min_samples=_samples_for(first, quick, min_samples))
         note_threads(threads, blas=case.blas and name == "numpy")
         del fn
