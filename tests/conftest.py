@@ -1,4 +1,6 @@
 """Shared test helpers: tolerance check against float64 oracles, array layouts, ISA and thread fixtures."""
+import os
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,11 @@ def rng(request):
     """A generator seeded from the test id, so each test is reproducible."""
     seed = sum(ord(ch) * (i + 1) for i, ch in enumerate(request.node.nodeid)) % (2**32)
     return np.random.default_rng(seed)
+
+
+def pkg_env():
+    """The environment for a child Python process that imports the fastnn these tests import."""
+    env = dict(os.environ)
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))
+    env["PYTHONPATH"] = parent + os.pathsep + env.get("PYTHONPATH", "")
+    return env

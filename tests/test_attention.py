@@ -1,11 +1,15 @@
 """scaled_dot_product_attention against the oracle: 2-D/3-D/4-D, L != S, Ev != E, odd head dims, masks
 (bool and float, broadcast), is_causal (top-left), fully masked rows, GQA, scale, views, errors."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import fastnn
 from fastnn import reference as ref
-from conftest import DTYPES, LAYOUTS, Unchanged, assert_close, f64, make_array, tolerance
+from conftest import DTYPES, LAYOUTS, Unchanged, assert_close, f64, make_array, pkg_env, tolerance
 
 sdpa = fastnn.scaled_dot_product_attention
 
@@ -300,3 +304,51 @@ def test_sdpa_mixed_dtypes():
         sdpa(a, a, a, attn_mask=np.zeros((4, 4), np.float64))
     with pytest.raises(TypeError, match="attn_mask"):
         sdpa(a, a, a, attn_mask=np.zeros((4, 4), np.int32))
+
+
+LONG_CHILD = r"""
+import resource, sys
+import numpy as np
+import fastnn
+
+L, E = 16384, 64
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 1, L, E)).astype(np.float32) for _ in range(3))
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+try:
+    with open("/proc/self/clear_refs", "w") as f:   # resets the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+except OSError:
+    print("skip")
+    sys.exit(0)
+before = status("VmRSS")
+out = fastnn.scaled_dot_product_attention(q, k, v)
+print(status("VmHWM") - before)
+rows = [0, 1, 4097, L - 1]
+s = (q[0, 0, rows].astype(np.float64) @ k[0, 0].T.astype(np.float64)) / np.sqrt(E)
+p = np.exp(s - s.max(axis=1, keepdims=True))
+want = (p / p.sum(axis=1, keepdims=True)) @ v[0, 0].astype(np.float64)
+print(np.linalg.norm(out[0, 0, rows] - want) / np.linalg.norm(want))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_sdpa_long_sequence_memory_stays_bounded():
+    # L = S = 16384, one head of 64: the scores alone would be 1 GiB; flash-style tiling keeps the extra
+    # memory (workspaces and the 4 MiB output) far below 64 MiB. Measured in a child process, whose peak
+    # RSS can be reset just before the call.
+    if os.environ.get("FASTNN_SANITIZED"):
+        pytest.skip("not under the sanitizers (shadow memory)")
+    proc = subprocess.run([sys.executable, "-c", LONG_CHILD], capture_output=True, text=True, env=pkg_env(),
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split()
+    if lines == ["skip"]:
+        pytest.skip("the peak RSS cannot be reset here")
+    extra, err = int(lines[0]), float(lines[1])
+    assert extra < 64 << 20, f"the call raised the peak RSS by {extra / 2**20:.1f} MiB"
+    assert err < 1e-5

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import pkg_env
+
 CHILD = r"""
 import sys, time
 import numpy as np
@@ -29,14 +31,6 @@ except KeyboardInterrupt:
     complete = bool(np.all(c == n))
     print(f"interrupted after {time.perf_counter() - t0:.3f} s complete={complete}", flush=True)
 """
-
-
-def pkg_env():
-    import fastnn
-    env = dict(os.environ)
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))
-    env["PYTHONPATH"] = parent + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
