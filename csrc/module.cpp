@@ -333,6 +333,74 @@ py::object softmax_fast(const py::array& x, const py::object& axis, const py::ob
   });
 }
 
+// linear: x (..., in) plain, weight (in, out) of any element strides, bias None or plain (out,), activation
+// None or "relu"; x with in == 0 takes the general path.
+py::object linear_fast(const py::array& x, const py::array& w, const py::object& bias, const py::object& activation) {
+  bool relu = false;
+  if (!activation.is_none()) {
+    if (!PyUnicode_Check(activation.ptr()) || activation.cast<std::string>() != "relu") return py::none();
+    relu = true;
+  }
+  if (x.ndim() < 1 || w.ndim() != 2 || !w.dtype().is(x.dtype()) || !aligned(w)) return py::none();
+  const int64_t n_in = w.shape(0), n_out = w.shape(1);
+  if (n_in == 0 || x.shape(x.ndim() - 1) != n_in) return py::none();
+  return float_dispatch(x, [&](auto t) -> py::object {
+    using T = decltype(t);
+    const int64_t isz = sizeof(T);
+    if (!plain<T>(x) || w.strides(0) % isz || w.strides(1) % isz) return py::none();
+    const T* bp = nullptr;
+    if (!bias.is_none()) {
+      if (!py::isinstance<py::array>(bias)) return py::none();
+      auto b = py::reinterpret_borrow<py::array>(bias);
+      if (!plain<T>(b) || b.ndim() != 1 || b.shape(0) != n_out) return py::none();
+      bp = static_cast<const T*>(b.data());
+    }
+    std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+    shape.back() = n_out;
+    py::array_t<T> y(shape);
+    GemmArgs<T> g;
+    g.M = x.size() / n_in, g.N = n_out, g.K = n_in;
+    g.A = static_cast<const T*>(x.data()), g.a_rs = n_in, g.a_cs = 1;
+    g.B = static_cast<const T*>(w.data()), g.b_rs = w.strides(0) / isz, g.b_cs = w.strides(1) / isz;
+    g.C = y.mutable_data(), g.ldc = n_out;
+    g.bias = bp, g.relu = relu;
+    {
+      py::gil_scoped_release nogil;
+      ops<T>().gemm(g);
+    }
+    return std::move(y);
+  });
+}
+
+// cross_entropy: logits plain (N, C) with N, C > 0, labels a C-contiguous int64 (N,) array all in [0, C);
+// returns (loss, grad).
+py::object cross_entropy_fast(const py::array& logits, const py::object& labels_obj) {
+  if (logits.ndim() != 2 || logits.shape(0) == 0 || logits.shape(1) == 0 ||
+      !py::isinstance<py::array_t<int64_t>>(labels_obj))
+    return py::none();
+  auto labels = py::reinterpret_borrow<py::array>(labels_obj);
+  const int64_t rows = logits.shape(0), cols = logits.shape(1);
+  if (!is_dtype<int64_t>(labels) || labels.ndim() != 1 || labels.shape(0) != rows ||
+      !(labels.flags() & py::array::c_style) || !aligned(labels))
+    return py::none();
+  const int64_t* lab = static_cast<const int64_t*>(labels.data());
+  for (int64_t i = 0; i < rows; ++i)
+    if (lab[i] < 0 || lab[i] >= cols) return py::none();  // the general path names the bad label
+  return float_dispatch(logits, [&](auto t) -> py::object {
+    using T = decltype(t);
+    if (!plain<T>(logits)) return py::none();
+    py::array_t<T> grad({rows, cols});
+    const T* lp = static_cast<const T*>(logits.data());
+    T* gp = grad.mutable_data();
+    double total;
+    {
+      py::gil_scoped_release nogil;
+      total = ops<T>().cross_entropy(lp, lab, gp, rows, cols, T(1.0 / double(rows)));
+    }
+    return py::make_tuple(total / double(rows), std::move(grad));
+  });
+}
+
 // Fills the forward arguments shared by sdpa and sdpa_backward, checking every stride/offset against
 // the arrays' extents.
 template <typename T>
@@ -503,6 +571,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("relu_fast", &relu_fast);
   m.def("relu_backward_fast", &relu_backward_fast);
   m.def("softmax_fast", &softmax_fast);
+  m.def("linear_fast", &linear_fast);
+  m.def("cross_entropy_fast", &cross_entropy_fast);
   m.def("sdpa", &sdpa);
   m.def("sdpa_backward", &sdpa_backward);
   m.def("adam", &adam);

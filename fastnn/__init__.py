@@ -74,9 +74,9 @@ def _fast(public, fast_call):
 
 
 def _fast_ops(ndarray=_np.ndarray, matmul2d=_C.matmul2d, relu_fast=_C.relu_fast,
-              relu_backward_fast=_C.relu_backward_fast, softmax_fast=_C.softmax_fast,
-              matmul_=matmul, relu_=relu, relu_backward_=relu_backward, softmax_=softmax,
-              log_softmax_=log_softmax):
+              relu_backward_fast=_C.relu_backward_fast, softmax_fast=_C.softmax_fast, linear_fast=_C.linear_fast,
+              cross_entropy_fast=_C.cross_entropy_fast, matmul_=matmul, relu_=relu, relu_backward_=relu_backward,
+              softmax_=softmax, log_softmax_=log_softmax, linear_=linear, cross_entropy_=cross_entropy):
     def matmul(a, b, *, out=None):
         if type(a) is ndarray and type(b) is ndarray:
             c = matmul2d(a, b, out)
@@ -112,11 +112,26 @@ def _fast_ops(ndarray=_np.ndarray, matmul2d=_C.matmul2d, relu_fast=_C.relu_fast,
                 return y
         return log_softmax_(x, axis, out=out)
 
+    def linear(x, weight, bias=None, *, activation=None):
+        if type(x) is ndarray and type(weight) is ndarray:
+            y = linear_fast(x, weight, bias, activation)
+            if y is not None:
+                return y
+        return linear_(x, weight, bias, activation=activation)
+
+    def cross_entropy(logits, labels):
+        if type(logits) is ndarray:
+            r = cross_entropy_fast(logits, labels)
+            if r is not None:
+                return r
+        return cross_entropy_(logits, labels)
+
     return (_fast(matmul_, matmul), _fast(relu_, relu), _fast(relu_backward_, relu_backward),
-            _fast(softmax_, softmax), _fast(log_softmax_, log_softmax))
+            _fast(softmax_, softmax), _fast(log_softmax_, log_softmax), _fast(linear_, linear),
+            _fast(cross_entropy_, cross_entropy))
 
 
-matmul, relu, relu_backward, softmax, log_softmax = _fast_ops()
+matmul, relu, relu_backward, softmax, log_softmax, linear, cross_entropy = _fast_ops()
 
 
 def cuda_is_available() -> bool:
