@@ -1,12 +1,14 @@
 """The attention backward composed of batched products and element-wise array operations, for any array
 module: the GPU path runs it on cupy arrays with fastnn's CUDA matmul (there is no fused CUDA backward
 kernel yet); the tests run the same code on numpy arrays with the CPU matmul and compare it with the CPU
-kernel. Unlike that flash-style kernel it materializes the L x S scores, of a chunk of heads at a time
-(at most `max_bytes` of float32 scratch per array).
+kernel. Unlike that flash-style kernel it materializes scores: those of a chunk of heads at a time, or of
+a block of query rows of one head when a head's L x S scores exceed `max_bytes` (float32 scratch per array).
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 def reduce_grad(grad, shape, batch_ndim: int, group):
@@ -57,23 +59,29 @@ def attention_backward(xp, matmul, grad_output, query, key, value, output, lse, 
     dv = xp.zeros((nb, S, Ev), f32)
     if nb == 0 or L == 0 or S == 0:
         return dq.reshape(batch + (L, E)), dk.reshape(batch + (S, E)), dv.reshape(batch + (S, Ev))
-    masks = None
-    if mask is not None:
-        masks = xp.broadcast_to(mask, batch + (L, S)).reshape((nb, L, S))
-    allowed = xp.tril(xp.ones((L, S), dtype=bool)) if causal else None
+    mfull = xp.broadcast_to(mask, batch + (L, S)) if mask is not None else None
+    heads = [()] if not batch else [tuple(int(t) for t in np.unravel_index(h, batch)) for h in range(nb)]
     d = (g * o).sum(axis=-1)[..., None]          # rowsum(dO * O): the softmax backward's dot per query
-    step = max(1, max_bytes // (xp.dtype(f32).itemsize * L * S))
-    for i in range(0, nb, step):
-        c = slice(i, min(nb, i + step))
-        s = matmul(q[c], k[c].swapaxes(-1, -2)) * f32(scale)
-        if masks is not None:
-            mc = masks[c]
-            s = xp.where(mc, s, f32(-math.inf)) if mc.dtype == bool else s + mc.astype(f32)
-        if allowed is not None:
-            s = xp.where(allowed, s, f32(-math.inf))
-        p = xp.exp(s - m[c])
-        dv[c] = matmul(p.swapaxes(-1, -2), g[c])
-        ds = p * (matmul(g[c], v[c].swapaxes(-1, -2)) - d[c])
-        dq[c] = matmul(ds, k[c]) * f32(scale)
-        dk[c] = matmul(ds.swapaxes(-1, -2), q[c]) * f32(scale)
+    # Chunks of whole heads while a head's L x S scores fit max_bytes, else one head and blocks of query rows.
+    per_head = xp.dtype(f32).itemsize * L * S
+    hstep, rstep = (max(1, max_bytes // per_head), L) if per_head <= max_bytes else \
+        (1, max(1, max_bytes // (xp.dtype(f32).itemsize * S)))
+    keys = xp.arange(S)
+    for i in range(0, nb, hstep):
+        c = slice(i, min(nb, i + hstep))
+        for r0 in range(0, L, rstep):
+            r = slice(r0, min(L, r0 + rstep))
+            qr = q[c, r]
+            s = matmul(qr, k[c].swapaxes(-1, -2)) * f32(scale)
+            if mfull is not None:
+                mc = xp.stack([mfull[heads[h]][r] for h in range(c.start, c.stop)])
+                s = xp.where(mc, s, f32(-math.inf)) if mc.dtype == bool else s + mc.astype(f32)
+            if causal:
+                s = xp.where(keys[None, :] <= xp.arange(r.start, r.stop)[:, None], s, f32(-math.inf))
+            p = xp.exp(s - m[c, r])
+            gr = g[c, r]
+            dv[c] += matmul(p.swapaxes(-1, -2), gr)
+            ds = p * (matmul(gr, v[c].swapaxes(-1, -2)) - d[c, r])
+            dq[c, r] = matmul(ds, k[c]) * f32(scale)
+            dk[c] += matmul(ds.swapaxes(-1, -2), qr) * f32(scale)
     return dq.reshape(batch + (L, E)), dk.reshape(batch + (S, E)), dv.reshape(batch + (S, Ev))

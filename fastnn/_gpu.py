@@ -581,8 +581,9 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
                                           is_causal=False, scale=None, enable_gqa=False):
     """Gradients of scaled_dot_product_attention on GPU arrays: (grad_query, grad_key, grad_value), with the
     CPU function's arguments and rules. Composed of fastnn's CUDA matmul and cupy element-wise operations
-    in float32 (fastnn/_attention_grad.py), a chunk of heads at a time: unlike the CPU kernel it holds the
-    L x S scores of a chunk (at most 256 MiB per array), there is no fused flash-style CUDA backward yet."""
+    in float32 (fastnn/_attention_grad.py): unlike the CPU kernel it materializes scores, of a chunk of heads
+    at a time or, when one head's L x S scores exceed 256 MiB, of a block of query rows (there is no fused
+    flash-style CUDA backward yet)."""
     c = _Call("scaled_dot_product_attention_backward")
     q, k, v, mask, L, S, E, Ev, scale, group, batch, is_causal = _attention_operands(
         c, query, key, value, attn_mask, is_causal, scale, enable_gqa)

@@ -30,6 +30,12 @@ CASES = [
     dict(q=(2, 4, 9, 8), k=(2, 2, 11, 8), v=(2, 2, 11, 6), mask="float", mask_shape=(2, 1, 9, 11), gqa=True),
     dict(q=(5, 7, 4), k=(5, 6, 4), v=(5, 6, 3), mask="bool_empty_rows", mask_shape=(5, 7, 6)),
     dict(q=(2, 3, 16, 8), k=(2, 3, 16, 8), v=(2, 3, 16, 8), causal=True, max_bytes=2 * 16 * 16 * 8),
+    # scores of one head beyond max_bytes: blocks of query rows (float64 here: 8 bytes a score)
+    dict(q=(2, 4, 17, 8), k=(2, 2, 13, 8), v=(2, 2, 13, 6), mask="float", mask_shape=(2, 1, 17, 13), gqa=True,
+         max_bytes=5 * 13 * 8),
+    dict(q=(2, 3, 17, 8), k=(2, 3, 17, 8), v=(2, 3, 17, 8), causal=True, max_bytes=3 * 17 * 8),
+    dict(q=(5, 7, 4), k=(5, 6, 4), v=(5, 6, 3), mask="bool_empty_rows", mask_shape=(5, 7, 6), max_bytes=2 * 6 * 8),
+    dict(q=(9, 8), k=(11, 8), v=(11, 5), mask="bool", mask_shape=(9, 11), max_bytes=4 * 11 * 8),
 ]
 
 
