@@ -67,6 +67,14 @@ inline void pack_b_panel(const T* B, int64_t b_rs, int64_t b_cs, int64_t kc, int
         vstore(dst + k * NR + v * kLanes<T>, vload(B + k * b_rs + v * kLanes<T>));
     return;
   }
+  if (b_cs == 1) {  // a partial panel of contiguous rows: partial vector loads, zero-filled
+    for (int64_t k = 0; k < kc; ++k)
+      for (int v = 0; v < NRV; ++v) {
+        const int64_t n = std::clamp<int64_t>(cols - v * kLanes<T>, 0, kLanes<T>);
+        vstore(dst + k * NR + v * kLanes<T>, vload_part(B + k * b_rs + v * kLanes<T>, n, T(0)));
+      }
+    return;
+  }
   for (int64_t k = 0; k < kc; ++k) {
     const T* src = B + k * b_rs;
     T* d = dst + k * NR;
@@ -119,16 +127,19 @@ inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, int64_t a_rs, i
     }
     return;
   }
-  alignas(64) T tile[kMR * NR];
-  for (int i = 0; i < kMR; ++i)
-    for (int v = 0; v < NRV; ++v) vstore(tile + i * NR + v * W, acc[i][v]);
-  for (int64_t i = 0; i < mr; ++i) {
-    for (int64_t j = 0; j < nr; ++j) {
-      T r = tile[i * NR + j];
-      if (accumulate) r += c[i * ldc + j];
-      if (bias) r += bias[j];
-      if (relu) r = r < T(0) ? T(0) : r;
-      c[i * ldc + j] = r;
+  // An edge tile: rows past mr are skipped, and the columns past nr masked off (partial loads and stores).
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) {
+      const int64_t n = std::clamp<int64_t>(nr - v * W, 0, W);
+      T* p = c + i * ldc + v * W;
+      Vec<T> r = acc[i][v];
+      if (accumulate) r += vload_part(p, n, T(0));
+      if (bias) r += vload(bias + v * W);  // the caller pads bias to whole panels
+      if (relu) r = vrelu(r);
+      vstore_part(p, r, n);
     }
   }
 }

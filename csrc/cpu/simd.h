@@ -45,7 +45,49 @@ template <typename T> FASTNN_INLINE Vec<T> vload(const T* p) {
   return *reinterpret_cast<const typename VecTraits<T>::U*>(p);
 }
 template <typename T> FASTNN_INLINE void vstore(T* p, Vec<T> v) { *reinterpret_cast<typename VecTraits<T>::U*>(p) = v; }
-// Partial load of n < lanes elements; the rest of the vector is `fill`.
+// Partial load of the first n (0 <= n <= lanes) elements; the rest of the vector is `fill`. Partial store
+// of the first n lanes. Memory past the n elements is never touched: masked instructions on AVX-512 and
+// AVX2 (masked-off lanes do not fault), element by element in the generic path.
+#if defined(FASTNN_ISA_avx512)
+FASTNN_INLINE Vec<float> vload_part(const float* p, int64_t n, float fill) {
+  const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(fill), __mmask16((1u << n) - 1), p);
+  return reinterpret_cast<const Vec<float>&>(v);
+}
+FASTNN_INLINE Vec<double> vload_part(const double* p, int64_t n, double fill) {
+  const __m512d v = _mm512_mask_loadu_pd(_mm512_set1_pd(fill), __mmask8((1u << n) - 1), p);
+  return reinterpret_cast<const Vec<double>&>(v);
+}
+FASTNN_INLINE void vstore_part(float* p, Vec<float> v, int64_t n) {
+  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), reinterpret_cast<const __m512&>(v));
+}
+FASTNN_INLINE void vstore_part(double* p, Vec<double> v, int64_t n) {
+  _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1), reinterpret_cast<const __m512d&>(v));
+}
+#elif defined(FASTNN_ISA_avx2)
+// Lane i of the mask is all ones when i < n.
+FASTNN_INLINE __m256i lanes_below32(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+FASTNN_INLINE __m256i lanes_below64(int64_t n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+FASTNN_INLINE Vec<float> vload_part(const float* p, int64_t n, float fill) {
+  const __m256i m = lanes_below32(n);
+  const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+  return reinterpret_cast<const Vec<float>&>(v);
+}
+FASTNN_INLINE Vec<double> vload_part(const double* p, int64_t n, double fill) {
+  const __m256i m = lanes_below64(n);
+  const __m256d v = _mm256_blendv_pd(_mm256_set1_pd(fill), _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
+  return reinterpret_cast<const Vec<double>&>(v);
+}
+FASTNN_INLINE void vstore_part(float* p, Vec<float> v, int64_t n) {
+  _mm256_maskstore_ps(p, lanes_below32(n), reinterpret_cast<const __m256&>(v));
+}
+FASTNN_INLINE void vstore_part(double* p, Vec<double> v, int64_t n) {
+  _mm256_maskstore_pd(p, lanes_below64(n), reinterpret_cast<const __m256d&>(v));
+}
+#else
 template <typename T> FASTNN_INLINE Vec<T> vload_part(const T* p, int64_t n, T fill) {
   Vec<T> v = vset<T>(fill);
   for (int64_t i = 0; i < n; ++i) v[i] = p[i];
@@ -54,6 +96,7 @@ template <typename T> FASTNN_INLINE Vec<T> vload_part(const T* p, int64_t n, T f
 template <typename T> FASTNN_INLINE void vstore_part(T* p, Vec<T> v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 }
+#endif
 // Non-temporal (cache-bypassing) store of a full vector to an address aligned to the vector size, and the
 // fence that orders such stores before the kernel returns. Plain stores where the ISA has none.
 FASTNN_INLINE void vstore_stream(float* p, Vec<float> v) {
