@@ -65,7 +65,7 @@ linear_backward = _gpu.dispatch(linear_backward, _gpu.linear_backward)
 
 # The most frequent calls go first through a compiled fast path for plain arguments (numpy arrays of one
 # float dtype, C-contiguous, aligned, out= None or directly writable), which returns None for anything
-# else; the general path above then runs. A tiny relu or matmul so costs about what NumPy's call does.
+# else; the general path above then runs. A call on tiny arrays so costs less than NumPy's.
 def _fast(public, fast_call):
     fast_call.__doc__, fast_call.__wrapped__ = public.__doc__, public.__wrapped__
     fast_call.__name__ = fast_call.__qualname__ = public.__name__
