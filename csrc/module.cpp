@@ -338,7 +338,8 @@ py::object softmax_fast(const py::array& x, const py::object& axis, const py::ob
 py::object linear_fast(const py::array& x, const py::array& w, const py::object& bias, const py::object& activation) {
   bool relu = false;
   if (!activation.is_none()) {
-    if (!PyUnicode_Check(activation.ptr()) || activation.cast<std::string>() != "relu") return py::none();
+    // Compared as Python objects: no encoding of arbitrary user strings (a lone surrogate cannot be UTF-8).
+    if (!PyUnicode_Check(activation.ptr()) || !activation.equal(py::str("relu"))) return py::none();
     relu = true;
   }
   if (x.ndim() < 1 || w.ndim() != 2 || !w.dtype().is(x.dtype()) || !aligned(w)) return py::none();

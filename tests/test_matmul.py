@@ -283,8 +283,9 @@ def test_linear_errors():
         fastnn.linear(x, w, np.ones(4, np.float32))
     with pytest.raises(ValueError, match="bias"):
         fastnn.linear(x, w, np.ones((1, 5), np.float32))
-    with pytest.raises(ValueError, match="activation"):
-        fastnn.linear(x, w, b, activation="gelu")
+    for bad in ("gelu", "RELU", "\ud800", 1, b"relu"):   # a lone surrogate cannot even be encoded
+        with pytest.raises(ValueError, match="activation"):
+            fastnn.linear(x, w, b, activation=bad)
     with pytest.raises(TypeError):
         fastnn.linear(x, w.astype(np.float64), b)
     with pytest.raises(TypeError):
