@@ -288,8 +288,10 @@ py::object relu_fast(const py::array& x, const py::object& out) {
     const T* xp = static_cast<const T*>(x.data());
     T* yp = data_of<T>(y);
     const int64_t n = x.size();
-    py::gil_scoped_release nogil;
-    ops<T>().relu(xp, yp, n);
+    {
+      py::gil_scoped_release nogil;
+      ops<T>().relu(xp, yp, n);
+    }
     return y;
   });
 }
@@ -304,8 +306,10 @@ py::object relu_backward_fast(const py::array& g, const py::array& x, const py::
     const T* xp = static_cast<const T*>(x.data());
     T* yp = data_of<T>(y);
     const int64_t n = x.size();
-    py::gil_scoped_release nogil;
-    ops<T>().relu_backward(gp, xp, yp, n);
+    {
+      py::gil_scoped_release nogil;
+      ops<T>().relu_backward(gp, xp, yp, n);
+    }
     return y;
   });
 }
@@ -327,8 +331,10 @@ py::object softmax_fast(const py::array& x, const py::object& axis, const py::ob
     const T* xp = static_cast<const T*>(x.data());
     T* yp = data_of<T>(y);
     const int64_t cols = x.shape(x.ndim() - 1), rows = x.size() / cols;
-    py::gil_scoped_release nogil;
-    ops<T>().softmax(xp, yp, rows, cols, log);
+    {
+      py::gil_scoped_release nogil;
+      ops<T>().softmax(xp, yp, rows, cols, log);
+    }
     return y;
   });
 }
