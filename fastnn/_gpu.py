@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ._attention_grad import attention_backward, reduce_grad
-from ._ops import _axis, _batch_offsets, _broadcast_batch, _flag, _real
+from ._ops import _axis, _batch_offsets, _broadcast_batch, _flag, _real, linear_shapes
 from .train import linear_backward_shapes
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
@@ -419,14 +419,7 @@ def linear(x, weight, bias=None, *, activation=None):
     c.same_dtype(x, "x", weight, "weight")
     if activation not in (None, "relu"):
         raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-    if weight.ndim != 2:
-        raise ValueError(f"weight: expected 2 dimensions (in, out), got shape {weight.shape}")
-    if x.ndim == 0:
-        raise ValueError("x: expected at least 1 dimension (..., in), got a 0-d array")
-    n_in, n_out = weight.shape
-    if x.shape[-1] != n_in:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's first dimension {n_in} "
-                         f"(x {x.shape}, weight {weight.shape})")
+    n_in, n_out = linear_shapes(x, weight)
     if bias is not None:
         bias = c.array(bias, "bias")
         c.same_dtype(x, "x", bias, "bias")

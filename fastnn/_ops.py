@@ -220,6 +220,20 @@ def matmul(a, b, *, out=None):
     return _commit(out, buf)
 
 
+def linear_shapes(x, weight) -> Tuple[int, int]:
+    """(in, out) of x (..., in) @ weight (in, out), or a ValueError naming the argument whose shape is wrong;
+    shared by linear and linear_backward, on the CPU and the GPU."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight: expected 2 dimensions (in, out), got shape {weight.shape}")
+    if x.ndim == 0:
+        raise ValueError("x: expected at least 1 dimension (..., in), got a 0-d array")
+    n_in, n_out = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's first dimension {n_in} "
+                         f"(x {x.shape}, weight {weight.shape})")
+    return n_in, n_out
+
+
 def linear(x, weight, bias=None, *, activation=None):
     """activation(x @ weight + bias), with bias and activation fused into the product's store.
 
@@ -232,14 +246,7 @@ def linear(x, weight, bias=None, *, activation=None):
     _same_dtype(x, "x", weight, "weight")
     if activation not in (None, "relu"):
         raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-    if weight.ndim != 2:
-        raise ValueError(f"weight: expected 2 dimensions (in, out), got shape {weight.shape}")
-    if x.ndim == 0:
-        raise ValueError("x: expected at least 1 dimension (..., in), got a 0-d array")
-    n_in, n_out = weight.shape
-    if x.shape[-1] != n_in:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's first dimension {n_in} "
-                         f"(x {x.shape}, weight {weight.shape})")
+    n_in, n_out = linear_shapes(x, weight)
     if bias is not None:
         bias = _array(bias, "bias")
         _same_dtype(x, "x", bias, "bias")

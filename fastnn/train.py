@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _C
-from ._ops import _array, _flag, _real, _same_dtype, matmul
+from ._ops import _array, _flag, _real, _same_dtype, linear_shapes, matmul
 
 __all__ = ["linear_backward", "Adam"]
 
@@ -22,14 +22,7 @@ __all__ = ["linear_backward", "Adam"]
 def linear_backward_shapes(g, x, weight) -> Tuple[int, int, int]:
     """(rows, in, out) of a linear_backward call, or a ValueError naming the argument whose shape is wrong;
     shared by the CPU and GPU functions."""
-    if weight.ndim != 2:
-        raise ValueError(f"weight: expected 2 dimensions (in, out), got shape {weight.shape}")
-    if x.ndim == 0:
-        raise ValueError("x: expected at least 1 dimension (..., in), got a 0-d array")
-    n_in, n_out = weight.shape
-    if x.shape[-1] != n_in:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's first dimension {n_in} "
-                         f"(x {x.shape}, weight {weight.shape})")
+    n_in, n_out = linear_shapes(x, weight)
     want = x.shape[:-1] + (n_out,)
     if g.shape != want:
         raise ValueError(f"grad_output: expected shape {want} (x's leading dimensions + weight's out), "

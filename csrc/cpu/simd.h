@@ -157,12 +157,40 @@ template <typename V> FASTNN_INLINE Elem<V> hmax(V v) {
 
 template <typename T> FASTNN_INLINE T smax(T a, T b) { return a < b ? b : a; }
 
-// exp(x) to about 2 ulp: Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, a polynomial in r (float: a
-// fitted degree 6 on AVX-512 and AVX2, Taylor degree 7 in the generic path; double: Taylor degree 13), then
-// scale by 2^n. exp(-inf) = 0, exp(+inf) = inf, exp(NaN) = NaN. On AVX-512 the scaling is one vscalef,
-// which also rounds results into the subnormal range and to 0/inf correctly; elsewhere 2^n is built in the
-// exponent bits and results below the normal range are flushed to 0 (below 1.2e-38 in float, 1.7e-38 on
-// AVX2; softmax, attention and Adam never need them).
+// exp(r) for |r| <= ln2/2, the core of vexp below. float: degree 6, fitted for relative error (2e-9 before
+// rounding; about 1 ulp in float arithmetic); double: the Taylor polynomial of degree 13 (truncation error
+// below half an ulp).
+FASTNN_INLINE Vec<float> exp_poly(Vec<float> r) {
+  Vec<float> p = vset<float>(1.3836835e-3f);
+  p = p * r + 8.3748242e-3f;
+  p = p * r + 4.1668225e-2f;
+  p = p * r + 1.6666420e-1f;
+  p = p * r + 4.9999991e-1f;
+  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+FASTNN_INLINE Vec<double> exp_poly(Vec<double> r) {
+  Vec<double> p = vset<double>(1.0 / 6227020800.0);
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  return p * r + 1.0;
+}
+
+// exp(x) to about 2 ulp: Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, exp_poly(r), then scale by 2^n.
+// exp(-inf) = 0, exp(+inf) = inf, exp(NaN) = NaN. On AVX-512 the scaling is one vscalef, which also rounds
+// results into the subnormal range and to 0/inf correctly; elsewhere 2^n is built in the exponent bits and
+// results below the normal range are flushed to 0 (below 1.2e-38 in float, 1.7e-38 on AVX2; softmax,
+// attention and Adam never need them).
 #if defined(FASTNN_ISA_avx512)
 // x clamped to [lo, hi] (NaN kept) so that n stays finite: below lo exp rounds to 0, above hi to inf,
 // and scalef(p, n) with p in [0.7, 1.5] gives exactly those.
@@ -177,14 +205,7 @@ FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   const V n = reinterpret_cast<const V&>(nm);
   V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  // Degree 6, fitted for relative error on [-ln2/2, ln2/2] (2e-9 before rounding; 1 ulp in float).
-  V p = vset<float>(1.3836835e-3f);
-  p = p * r + 8.3748242e-3f;
-  p = p * r + 4.1668225e-2f;
-  p = p * r + 1.6666420e-1f;
-  p = p * r + 4.9999991e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const V p = exp_poly(r);
   const __m512 y = _mm512_scalef_ps(reinterpret_cast<const __m512&>(p), nm);
   return reinterpret_cast<const V&>(y);
 }
@@ -199,20 +220,7 @@ FASTNN_INLINE Vec<double> vexp(Vec<double> x) {
   const V n = reinterpret_cast<const V&>(nm);
   V r = xc - n * 6.93147180369123816490e-01;
   r = r - n * 1.90821492927058770002e-10;
-  V p = vset<double>(1.0 / 6227020800.0);
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  const V p = exp_poly(r);
   const __m512d y = _mm512_scalef_pd(reinterpret_cast<const __m512d&>(p), nm);
   return reinterpret_cast<const V&>(y);
 }
@@ -231,13 +239,7 @@ FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   const V n = reinterpret_cast<const V&>(nm);
   V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V p = vset<float>(1.3836835e-3f);  // the AVX-512 polynomial
-  p = p * r + 8.3748242e-3f;
-  p = p * r + 4.1668225e-2f;
-  p = p * r + 1.6666420e-1f;
-  p = p * r + 4.9999991e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const V p = exp_poly(r);
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nm), _mm256_set1_epi32(126)), 23);
   return p * reinterpret_cast<const V&>(e) * 2.0f;
 }
@@ -253,14 +255,7 @@ FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   V n = t - magic;
   V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V p = vset<float>(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const V p = exp_poly(r);
   I tb, mb;  // n as an integer: the low bits of t minus those of the magic number
   std::memcpy(&tb, &t, sizeof(V));
   std::memcpy(&mb, &magic, sizeof(V));
@@ -290,20 +285,7 @@ FASTNN_INLINE Vec<double> vexp(Vec<double> x) {
   V n = t - magic;
   V r = xc - n * 6.93147180369123816490e-01;
   r = r - n * 1.90821492927058770002e-10;
-  V p = vset<double>(1.0 / 6227020800.0);
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  const V p = exp_poly(r);
   I tb, mb;
   std::memcpy(&tb, &t, sizeof(V));
   std::memcpy(&mb, &magic, sizeof(V));
