@@ -201,40 +201,6 @@ bool overlap(const py::array& a, const py::array& b) {
   return x.first < y.second && y.first < x.second;
 }
 
-py::object matmul2d(const py::array& a, const py::array& b, const py::object& out_obj) {
-  if (a.ndim() != 2 || b.ndim() != 2 || !a.dtype().is(b.dtype()) || !aligned(a) || !aligned(b)) return py::none();
-  const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
-  if (b.shape(0) != K) return py::none();
-  auto run = [&](auto t) -> py::object {
-    using T = decltype(t);
-    const int64_t isz = sizeof(T);
-    if (a.strides(0) % isz || a.strides(1) % isz || b.strides(0) % isz || b.strides(1) % isz) return py::none();
-    py::array_t<T> c;
-    if (out_obj.is_none()) {
-      c = py::array_t<T>({M, N});
-    } else {  // an out= that can be written directly; anything else goes the general way
-      if (!py::isinstance<py::array>(out_obj)) return py::none();
-      py::array out = out_obj.cast<py::array>();
-      if (!is_dtype<T>(out) || out.ndim() != 2 || out.shape(0) != M || out.shape(1) != N ||
-          !(out.flags() & py::array::c_style) || !aligned(out) || !out.writeable() || overlap(out, a) || overlap(out, b))
-        return py::none();
-      c = py::reinterpret_borrow<py::array_t<T>>(out);
-    }
-    GemmArgs<T> g;
-    g.M = M, g.N = N, g.K = K;
-    g.A = static_cast<const T*>(a.data()), g.a_rs = a.strides(0) / isz, g.a_cs = a.strides(1) / isz;
-    g.B = static_cast<const T*>(b.data()), g.b_rs = b.strides(0) / isz, g.b_cs = b.strides(1) / isz;
-    g.C = static_cast<T*>(c.mutable_data()), g.ldc = N;
-    {
-      py::gil_scoped_release nogil;
-      ops<T>().gemm(g);
-    }
-    return out_obj.is_none() ? py::object(std::move(c)) : out_obj;
-  };
-  if (is_dtype<float>(a)) return run(float{});
-  if (is_dtype<double>(a)) return run(double{});
-  return py::none();
-}
 
 // ---- fast paths for the common case, with the least per-call overhead ---------------------------
 // Each takes the user's arguments as they are and returns None unless they are plain (numpy arrays of one
@@ -245,23 +211,32 @@ template <typename T> bool plain(const py::array& a) {
   return is_dtype<T>(a) && (a.flags() & py::array::c_style) && aligned(a);
 }
 
-bool same_shape(const py::array& a, const py::array& b) {
-  if (a.ndim() != b.ndim()) return false;
+std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
+
+bool same_shape(const py::array& a, const std::vector<py::ssize_t>& shape) {
+  if (a.ndim() != py::ssize_t(shape.size())) return false;
   for (py::ssize_t d = 0; d < a.ndim(); ++d)
-    if (a.shape(d) != b.shape(d)) return false;
+    if (a.shape(d) != shape[d]) return false;
   return true;
 }
 
-// The array an op over `like`'s shape writes: a new one when out is None; `out` itself when it is a plain
-// writable array of that shape that either is exactly one of `in_place` (same data, both C-contiguous) or
-// overlaps none of `inputs`; else None.
+// Whether every stride of `a` is a whole number of elements of T (else the general path copies it).
+template <typename T> bool elem_strides(const py::array& a) {
+  for (py::ssize_t d = 0; d < a.ndim(); ++d)
+    if (a.strides(d) % py::ssize_t(sizeof(T))) return false;
+  return true;
+}
+
+// The array of `shape` an op writes: a new one when out is None; `out` itself when it is a plain writable
+// array of that shape that either is exactly one of `in_place` (same data, both C-contiguous) or overlaps
+// none of `inputs`; else None.
 template <typename T>
-py::object fast_out(const py::object& out, const py::array& like, std::initializer_list<const py::array*> inputs,
-                    std::initializer_list<const py::array*> in_place) {
-  if (out.is_none()) return py::array_t<T>(std::vector<py::ssize_t>(like.shape(), like.shape() + like.ndim()));
+py::object fast_out(const py::object& out, const std::vector<py::ssize_t>& shape,
+                    std::initializer_list<const py::array*> inputs, std::initializer_list<const py::array*> in_place) {
+  if (out.is_none()) return py::array_t<T>(shape);
   if (!py::isinstance<py::array>(out)) return py::none();
   auto o = py::reinterpret_borrow<py::array>(out);
-  if (!plain<T>(o) || !o.writeable() || !same_shape(o, like)) return py::none();
+  if (!plain<T>(o) || !o.writeable() || !same_shape(o, shape)) return py::none();
   for (const py::array* a : in_place)
     if (a->data() == o.data()) return out;
   for (const py::array* a : inputs)
@@ -279,11 +254,44 @@ template <typename F> py::object float_dispatch(const py::array& a, F&& f) {
   return py::none();
 }
 
+// C (M x N, contiguous) = A @ b (+ bias, relu) with A's element strides given and b's taken from the array
+// (checked by elem_strides); the GIL is released while the kernel runs.
+template <typename T>
+void gemm_2d(const T* A, int64_t a_rs, int64_t a_cs, const py::array& b, T* C, int64_t M, int64_t N, int64_t K,
+             const T* bias, bool relu) {
+  GemmArgs<T> g;
+  g.M = M, g.N = N, g.K = K;
+  g.A = A, g.a_rs = a_rs, g.a_cs = a_cs;
+  g.B = static_cast<const T*>(b.data()), g.b_rs = b.strides(0) / py::ssize_t(sizeof(T));
+  g.b_cs = b.strides(1) / py::ssize_t(sizeof(T));
+  g.C = C, g.ldc = N;
+  g.bias = bias, g.relu = relu;
+  py::gil_scoped_release nogil;
+  ops<T>().gemm(g);
+}
+
+// matmul of two 2-D arrays of any element strides, into a new array or a directly writable out=.
+py::object matmul2d(const py::array& a, const py::array& b, const py::object& out_obj) {
+  if (a.ndim() != 2 || b.ndim() != 2 || !a.dtype().is(b.dtype()) || !aligned(a) || !aligned(b)) return py::none();
+  const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+  if (b.shape(0) != K) return py::none();
+  return float_dispatch(a, [&](auto t) -> py::object {
+    using T = decltype(t);
+    if (!elem_strides<T>(a) || !elem_strides<T>(b)) return py::none();
+    py::object c = fast_out<T>(out_obj, {M, N}, {&a, &b}, {});
+    if (c.is_none()) return c;
+    const py::ssize_t isz = sizeof(T);
+    gemm_2d<T>(static_cast<const T*>(a.data()), a.strides(0) / isz, a.strides(1) / isz, b, data_of<T>(c), M, N, K,
+               nullptr, false);
+    return c;
+  });
+}
+
 py::object relu_fast(const py::array& x, const py::object& out) {
   return float_dispatch(x, [&](auto t) -> py::object {
     using T = decltype(t);
     if (!plain<T>(x)) return py::none();
-    py::object y = fast_out<T>(out, x, {&x}, {&x});
+    py::object y = fast_out<T>(out, shape_of(x), {&x}, {&x});
     if (y.is_none()) return y;
     const T* xp = static_cast<const T*>(x.data());
     T* yp = data_of<T>(y);
@@ -299,8 +307,8 @@ py::object relu_fast(const py::array& x, const py::object& out) {
 py::object relu_backward_fast(const py::array& g, const py::array& x, const py::object& out) {
   return float_dispatch(x, [&](auto t) -> py::object {
     using T = decltype(t);
-    if (!plain<T>(x) || !plain<T>(g) || !same_shape(g, x)) return py::none();
-    py::object y = fast_out<T>(out, x, {&g, &x}, {&g, &x});
+    if (!plain<T>(x) || !plain<T>(g) || !same_shape(g, shape_of(x))) return py::none();
+    py::object y = fast_out<T>(out, shape_of(x), {&g, &x}, {&g, &x});
     if (y.is_none()) return y;
     const T* gp = static_cast<const T*>(g.data());
     const T* xp = static_cast<const T*>(x.data());
@@ -326,7 +334,7 @@ py::object softmax_fast(const py::array& x, const py::object& axis, const py::ob
   return float_dispatch(x, [&](auto t) -> py::object {
     using T = decltype(t);
     if (!plain<T>(x)) return py::none();
-    py::object y = fast_out<T>(out, x, {&x}, {&x});
+    py::object y = fast_out<T>(out, shape_of(x), {&x}, {&x});
     if (y.is_none()) return y;
     const T* xp = static_cast<const T*>(x.data());
     T* yp = data_of<T>(y);
@@ -353,8 +361,7 @@ py::object linear_fast(const py::array& x, const py::array& w, const py::object&
   if (n_in == 0 || x.shape(x.ndim() - 1) != n_in) return py::none();
   return float_dispatch(x, [&](auto t) -> py::object {
     using T = decltype(t);
-    const int64_t isz = sizeof(T);
-    if (!plain<T>(x) || w.strides(0) % isz || w.strides(1) % isz) return py::none();
+    if (!plain<T>(x) || !elem_strides<T>(w)) return py::none();
     const T* bp = nullptr;
     if (!bias.is_none()) {
       if (!py::isinstance<py::array>(bias)) return py::none();
@@ -362,19 +369,10 @@ py::object linear_fast(const py::array& x, const py::array& w, const py::object&
       if (!plain<T>(b) || b.ndim() != 1 || b.shape(0) != n_out) return py::none();
       bp = static_cast<const T*>(b.data());
     }
-    std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+    std::vector<py::ssize_t> shape = shape_of(x);
     shape.back() = n_out;
     py::array_t<T> y(shape);
-    GemmArgs<T> g;
-    g.M = x.size() / n_in, g.N = n_out, g.K = n_in;
-    g.A = static_cast<const T*>(x.data()), g.a_rs = n_in, g.a_cs = 1;
-    g.B = static_cast<const T*>(w.data()), g.b_rs = w.strides(0) / isz, g.b_cs = w.strides(1) / isz;
-    g.C = y.mutable_data(), g.ldc = n_out;
-    g.bias = bp, g.relu = relu;
-    {
-      py::gil_scoped_release nogil;
-      ops<T>().gemm(g);
-    }
+    gemm_2d<T>(static_cast<const T*>(x.data()), n_in, 1, w, y.mutable_data(), x.size() / n_in, n_out, n_in, bp, relu);
     return std::move(y);
   });
 }
