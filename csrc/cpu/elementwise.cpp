@@ -10,8 +10,6 @@ namespace fastnn::cpu::FASTNN_ISA {
 
 // Below this many elements a second thread costs more than it saves.
 constexpr int64_t kElementwiseGrain = 1 << 16;
-// Results at least this large (bytes) bypass the cache: well past L2, a good part of the L3.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 // y[i] = f(x0[i], x1[i]) over [b, e) (x1 unused by unary f); y may equal x0 or x1 (in place).
 template <typename T, typename F>

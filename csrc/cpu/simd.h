@@ -121,6 +121,9 @@ FASTNN_INLINE void vstore_stream(double* p, Vec<double> v) {
   vstore(p, v);
 #endif
 }
+// Results at least this large (bytes) are written with the non-temporal stores above: well past L2, a
+// good part of the L3.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 FASTNN_INLINE void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();

@@ -15,8 +15,7 @@
 
 namespace fastnn::cpu::FASTNN_ISA {
 
-// Outputs at least this large (bytes) are streamed past the cache.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// Rows shorter than this (bytes) are not streamed (see stream_rows), whatever the size of the result.
 constexpr int64_t kStreamRowBytes = int64_t(2) << 10;
 // Rows up to this many bytes are computed in a scratch buffer (on the stack up to kStackScratchBytes, else
 // the heap); longer rows in the output itself.
@@ -34,7 +33,7 @@ template <typename T> class Scratch {
     } else if (bytes <= kStackScratchBytes) {
       ptr_ = stack_;
     } else if (bytes <= kScratchBytes) {
-      heap_.reset(new (std::nothrow) T[static_cast<size_t>(n) + kLanes<T>]);
+      heap_.reset(new (std::nothrow) T[static_cast<size_t>(n)]);
       ptr_ = heap_.get();
     }
   }
