@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ._attention_grad import attention_backward, reduce_grad
-from ._ops import _axis, _batch_offsets, _broadcast_batch, _flag, _real, linear_shapes
+from ._ops import _axis, _batch_offsets, _broadcast_batch, _flag, _real, adam_scalars, linear_shapes
 from .train import linear_backward_shapes
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
@@ -659,13 +659,10 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, b
     with c.scope():
         if not g.flags.c_contiguous or any(c.cp.may_share_memory(g, s) for _, s in states):
             g = c.cp.array(g, order="C", copy=True)
-        # Host-side scalars exactly as torch computes them (Python floats).
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
         vmax = arrays.get("max_exp_avg_sq")
         c.cuda.adam(c.device, c.code(p.dtype), p.data.ptr, g.data.ptr, arrays["exp_avg"].data.ptr,
                     arrays["exp_avg_sq"].data.ptr, 0 if vmax is None else vmax.data.ptr, p.size, lr, beta1, beta2,
-                    eps, weight_decay, lr / bias_correction1, bias_correction2 ** 0.5, decoupled, maximize,
+                    eps, weight_decay, *adam_scalars(lr, beta1, beta2, step), decoupled, maximize,
                     c.stream, _variant)
     return None
 

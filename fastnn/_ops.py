@@ -24,7 +24,7 @@ _ZERO_OFFSETS.flags.writeable = False
 # ---- argument checks ------------------------------------------------------------------------------
 
 def _array(x, name: str) -> np.ndarray:
-    """x as a float32/float64 numpy array, or a clear TypeError/RuntimeError."""
+    """x as a float32/float64 numpy array, or a clear TypeError."""
     if isinstance(x, np.ndarray):
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {x.dtype}")
@@ -600,6 +600,12 @@ def _state(x, name: str, ref: np.ndarray) -> np.ndarray:
     return x
 
 
+def adam_scalars(lr: float, beta1: float, beta2: float, step: int) -> Tuple[float, float]:
+    """(step_size, sqrt of the second bias correction) of one Adam step, host-side Python floats computed
+    exactly as torch computes them; shared by every Adam entry point, CPU and GPU."""
+    return lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
+
+
 def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                 weight_decay=0.0, decoupled_weight_decay=False, maximize=False, max_exp_avg_sq=None):
     """One fused, in-place Adam step with torch.optim.Adam's arithmetic.
@@ -652,12 +658,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, b
     maximize = _flag(maximize, "maximize")
     if g.size and (not g.flags.c_contiguous or not g.flags.aligned or any(np.may_share_memory(g, s) for _, s in states)):
         g = np.array(g, order="C", copy=True)
-    # Host-side scalars exactly as torch computes them (Python floats).
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2 ** 0.5
-    _C.adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
+    _C.adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, *adam_scalars(lr, beta1, beta2, step),
             decoupled, maximize)
 
 

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _C
-from ._ops import _array, _flag, _real, _same_dtype, linear_shapes, matmul
+from ._ops import _array, _flag, _real, _same_dtype, adam_scalars, linear_shapes, matmul
 
 __all__ = ["linear_backward", "Adam"]
 
@@ -216,10 +216,8 @@ class Adam:
             if not (g.flags.c_contiguous and g.flags.aligned) or (g.size and np.may_share_memory(g, p)):
                 g = np.array(g, order="C", copy=True)
             s["step"] += 1
-            step = s["step"]
-            # Host-side scalars exactly as torch (and adam_update) compute them.
             _C.adam(p, g, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] if amsgrad else None, lr, beta1, beta2,
-                    eps, wd, lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, decoupled, maximize)
+                    eps, wd, *adam_scalars(lr, beta1, beta2, s["step"]), decoupled, maximize)
 
     # ---- checkpoints: a flat dict of numpy arrays and Python scalars ----------------------------------
 
