@@ -16,9 +16,22 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// 16 independent accumulators hide the FMA latency (4 cycles) on 2-4 pipes.
+// Vector registers of the ISA: 32 ZMM with AVX-512, 16 YMM with AVX2, 16 XMM on baseline x86-64 (SSE2).
+#if defined(FASTNN_ISA_avx512)
+constexpr int kVecRegisters = 32;
+#else
+constexpr int kVecRegisters = 16;
+#endif
+// Independent accumulator chains: enough to hide the FMA latency (4-5 cycles) on 2 pipes (>= 10 chains;
+// the generic path's mul + add chain needs more, 12 cover most of it), and few enough that every chain,
+// the two operands and a spare stay in registers. More chains than registers spill to the stack, and the
+// loop then measures store-to-load latency instead of FMA throughput (16 chains on AVX2 did: the "peak"
+// came out below what the matmul reaches). AVX-512: 16 chains of 32 registers; AVX2 / SSE2: 12 of 16.
+constexpr int kChains = kVecRegisters == 32 ? 16 : 12;
+static_assert(kChains + 2 < kVecRegisters, "the probe's chains must fit in the vector registers");
+
 template <typename T> double fma_seconds(int64_t iters, T* sink) {
-  constexpr int A = 16;
+  constexpr int A = kChains;
   Vec<T> acc[A];
 #pragma GCC unroll 16
   for (int a = 0; a < A; ++a) acc[a] = vset<T>(T(a) * T(1e-3));
@@ -37,7 +50,7 @@ template <typename T> double fma_seconds(int64_t iters, T* sink) {
 }
 
 template <typename T> double peak_gflops(int nt) {
-  constexpr int A = 16;
+  constexpr int A = kChains;
   const int64_t iters = int64_t(1) << 22;
   std::vector<double> secs(nt, 0.0);
   std::vector<T> sink(nt * 16);
