@@ -162,12 +162,13 @@ def check(batch=2, length=5, dim=8, heads=2, seed=0, use_torch=True, out=print):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--length", type=int, default=5)
-    ap.add_argument("--dim", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--batch", type=int, default=2, help="sequences per batch")
+    ap.add_argument("--length", type=int, default=5, help="sequence length")
+    ap.add_argument("--dim", type=int, default=8, help="model width (split across the heads)")
+    ap.add_argument("--heads", type=int, default=2, help="attention heads")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     args = ap.parse_args(argv)
     if not hasattr(fastnn, "scaled_dot_product_attention_backward"):

@@ -63,7 +63,8 @@ def fit_logistic(x, labels, epochs=20, lr=1e-2, batch_size=32, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000, help="full-batch Adam steps for the linear fit")
     ap.add_argument("--epochs", type=int, default=20, help="epochs for the logistic fit")
     args = ap.parse_args(argv)

@@ -231,16 +231,19 @@ def plot(path, hist, other=None):
     fig.savefig(path, dpi=120)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default, and the description's lines kept as written."""
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--hidden", type=int, default=128)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--epochs", type=int, default=30, help="passes over the training set")
+    ap.add_argument("--batch-size", type=int, default=64, help="examples per Adam step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    ap.add_argument("--hidden", type=int, default=128, help="width of the hidden ReLU layer")
     ap.add_argument("--seed", type=int, default=0, help="initialization and shuffling (the split is fixed)")
     ap.add_argument("--mnist", metavar="DIR", help="train on MNIST from the four IDX files in DIR")
-    ap.add_argument("--plot", metavar="FILE.png", help="save loss/accuracy curves (needs matplotlib)")
+    ap.add_argument("--plot", metavar="FILE.png", help="save loss/accuracy curves (needs matplotlib: the `plot` extra)")
     ap.add_argument("--compare-numpy", action="store_true",
                     help="also run the same loop in plain NumPy and compare the time per epoch")
     args = ap.parse_args(argv)

@@ -189,3 +189,4 @@ def _apply_isa_env() -> None:
 
 
 _apply_isa_env()
+del annotations  # from the __future__ import: not part of the API

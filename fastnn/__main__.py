@@ -1,4 +1,4 @@
-"""`python -m fastnn` (or the `fastnn` script): `info` prints what was built and what runs;
+"""`fastnn` (the installed script, or `python -m fastnn` outside the source tree): `info` prints what was built and what runs;
 `bench` times every op against NumPy and PyTorch (see fastnn.bench)."""
 from __future__ import annotations
 
@@ -21,29 +21,38 @@ def _print_info(value, indent=0):
             print(f"{pad}{str(key) + ':':<{width + 1}} {item}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none (None, or an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m fastnn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastnn", description=__doc__, formatter_class=_HelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    info = commands.add_parser("info", help="print fastnn.info(): version, compiler, ISA paths, threads")
+    info = commands.add_parser("info", formatter_class=_HelpFormatter, help="print fastnn.info(): version, compiler, ISA paths, threads")
     info.add_argument("--json", action="store_true", help="print it as JSON")
 
     from fastnn.bench import OPS
     bench = commands.add_parser(
-        "bench", help="time every op against NumPy (and PyTorch), after checking it against the oracle",
+        "bench", formatter_class=_HelpFormatter, help="time every op against NumPy (and PyTorch), after checking it against the oracle",
         description="Check each op against the float64 oracle, then time fastnn, NumPy and PyTorch "
                     "(when it imports) side by side; a Markdown table goes to stdout, progress to "
                     "stderr. Exits 1 when a fastnn result fails its check.")
     bench.add_argument("--quick", action="store_true",
                        help="fewer repeats, the largest cases left out (under a minute on 2 cores)")
     bench.add_argument("--op", nargs="+", action="extend", metavar="NAME", choices=OPS,
-                       help=f"only these ops (any of: {', '.join(OPS)})")
+                       help=f"only these ops (any of: {', '.join(OPS)}; default: all)")
     bench.add_argument("--json", metavar="FILE", help="also write rows, limits, info and date to FILE")
     bench.add_argument("--threads", metavar="N[,N...]",
                        help="thread counts for fastnn, NumPy's BLAS and PyTorch, each with its own limits "
                             "and table, then a scaling table (default: 1 and fastnn's count)")
     bench.add_argument("--plot", metavar="FILE.png",
-                       help="also draw a roofline chart of the rows (needs matplotlib)")
+                       help="also draw a roofline chart of the rows (needs matplotlib: the `plot` extra)")
     bench.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it imports")
     bench.add_argument("--list", action="store_true", help="list the cases and exit")
     return parser
@@ -78,7 +87,8 @@ def main(argv=None) -> int:
             return 2
     if args.plot and not bench.have_matplotlib():
         # Checked before anything runs: a long bench must not end without its chart.
-        print(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib); "
+        print(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib, or fastnn's "
+              "`plot` extra); "
               "nothing was run", file=sys.stderr)
         return 2
     results = bench.run(ops=args.op, quick=args.quick, threads=threads, json_path=args.json,

@@ -644,6 +644,8 @@ def _same_memory(a, b):
     return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.may_share_memory(a, b)
 
 
+# The drawn values include inf and NaN, on which the float64 oracle warns as NumPy does.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("name", list(OPS))
 @SETTINGS
 @given(data=st.data())

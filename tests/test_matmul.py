@@ -154,6 +154,7 @@ def test_matmul_large_random_vector_check(rng, dtype):
     assert_close(c.astype(np.float64) @ t, f64(a) @ (f64(b) @ t), dtype, k=k, check_dtype=False)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 on purpose
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_nan_inf_propagate(rng, dtype):
     a = make_array(rng, (19, 23), dtype)

@@ -116,6 +116,7 @@ def test_empty_reduction_axis(name, dtype):
 @pytest.mark.parametrize("dtype,scale", [(np.float32, 1e2), (np.float32, 1e4), (np.float32, 1e30),
                                          (np.float64, 1e2), (np.float64, 1e4), (np.float64, 1e30),
                                          (np.float64, 1e300)])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the error norm of 1e300 values
 def test_large_magnitudes(rng, name, dtype, scale):
     check_forward(rng, name, (9, 67), dtype, scale=scale)
     check_forward(rng, name, (9, 67), dtype, axis=0, scale=scale)
@@ -141,6 +142,7 @@ def test_outliers(rng, name, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the oracle on inf - inf
 def test_nan_inf(rng, name, dtype):
     x = make_array(rng, (6, 40), dtype)
     x[0, 3] = np.nan        # NaN row
