@@ -11,9 +11,6 @@
 
 #include "build_config.h"
 #include "cpu/kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 using namespace fastnn::cpu;
@@ -552,11 +549,7 @@ py::dict build_info() {
   isa_flags["avx2"] = FASTNN_ISA_FLAGS_AVX2;
   isa_flags["avx512"] = FASTNN_ISA_FLAGS_AVX512;
   d["cpu_isa_flags"] = isa_flags;
-#ifdef _OPENMP
-  d["openmp"] = std::string("OpenMP ") + std::to_string(_OPENMP);
-#else
-  d["openmp"] = py::none();
-#endif
+  d["thread_pool"] = thread_pool_info();
   d["cuda_built"] = bool(FASTNN_CUDA_BUILT);
   return d;
 }

@@ -1,6 +1,6 @@
 """fastnn: hand-written fast neural-network kernels for NumPy arrays.
 
-Every op runs a C++ kernel (OpenMP threads + SIMD, the best ISA path this CPU supports picked at import)
+Every op runs a C++ kernel (its own thread pool + SIMD, the best ISA path this CPU supports picked at import)
 on float32 or float64 numpy arrays and releases the GIL while it runs. `fastnn.reference` holds the
 same functions in plain NumPy (the test oracles). Set FASTNN_CPU_ISA=generic|avx2|avx512 to force a
 lower code path; an unavailable request warns and keeps the best available one.
@@ -39,7 +39,6 @@ from ._ops import (
     softmax_backward,
 )
 from .train import Adam, linear_backward
-from . import _runtime
 
 __version__: str = _C.__version__
 
@@ -149,18 +148,16 @@ __all__ = [
 
 
 def info() -> dict:
-    """The build and runtime record: version, compiler and flags, OpenMP (and the runtime library loaded for
-    it) and thread count, the CPU ISA paths compiled, supported here and in use; CUDA: whether fastnn._cuda
-    was built, its toolkit and architectures, whether it is usable here (else why not) and, when a device
-    exists, its name and compute capability (this imports fastnn._cuda, and cupy when a device exists)."""
+    """The build and runtime record: version, compiler and flags, the thread pool and thread count, the CPU
+    ISA paths compiled, supported here and in use; CUDA: whether fastnn._cuda was built, its toolkit and
+    architectures, whether it is usable here (else why not) and, when a device exists, its name and compute capability (this imports fastnn._cuda, and cupy when a device exists)."""
     b = _C.build_info()
     return {
         "version": __version__,
         "compiler": b["compiler"],
         "build_type": b["build_type"],
         "cxx_flags": b["cxx_flags"],
-        "openmp": b["openmp"],
-        "openmp_runtime": _runtime.openmp_runtime(_C.__file__) if b["openmp"] else None,
+        "thread_pool": b["thread_pool"],
         "num_threads": get_num_threads(),
         "cpu_isa": cpu_isa(),
         "cpu_isa_supported": _C.isa_supported().split(","),
@@ -189,4 +186,8 @@ def _apply_isa_env() -> None:
 
 
 _apply_isa_env()
+
+from . import _threadpoolctl  # noqa: E402
+
+_threadpoolctl.install()  # threadpoolctl lists and limits fastnn's pool (registered when it is imported)
 del annotations  # from the __future__ import: not part of the API

@@ -1,6 +1,6 @@
-"""OpenMP interplay: fastnn (its own OpenMP runtime; the wheel bundles libgomp), NumPy (OpenBLAS, its own
-threads) and PyTorch (its own bundled OpenMP runtime) imported in either order and used together in one
-process, each in a fresh interpreter so the import order is real. threadpoolctl must see fastnn's pool."""
+"""Thread-pool interplay: fastnn (its own pool), NumPy (OpenBLAS, its own threads) and PyTorch (its bundled
+OpenMP runtime) imported in either order and used together in one process, each in a fresh interpreter so
+the import order is real. threadpoolctl must see and limit fastnn's pool."""
 import json
 import os
 import subprocess
@@ -19,7 +19,7 @@ except ValueError:
 
 # Run in a fresh interpreter: imports `modules` in that order, then uses every one of them, alone and
 # interleaved from two Python threads (fastnn and torch both release the GIL), with 2 threads each so
-# every OpenMP / BLAS pool really starts. Prints a JSON report on its last line.
+# every thread pool really starts. Prints a JSON report on its last line.
 _SCRIPT = textwrap.dedent("""
     import importlib, json, sys
     from concurrent.futures import ThreadPoolExecutor
@@ -94,45 +94,56 @@ def test_torch_numpy_fastnn_in_any_order(order):
     assert set(report["errors"]) >= {"fastnn", "numpy", "torch", "softmax", "interleaved"}
 
 
+# threadpoolctl imported after fastnn (the registration hook) or before it (registered at import).
 _THREADPOOLS = textwrap.dedent("""
-    import json
+    import json, os, sys
+    if sys.argv[1] == "threadpoolctl_first":
+        import threadpoolctl
     import numpy as np
     import fastnn
     from threadpoolctl import threadpool_info, threadpool_limits
-    fastnn.set_num_threads(2)
+    fastnn.set_num_threads(3)
     a = np.arange(64.0 * 64).reshape(64, 64) / 4096
     fastnn.matmul(a, a)
-    info = threadpool_info()
-    with threadpool_limits(limits=1, user_api="openmp"):
+    pools = threadpool_info()
+    seen = {}
+    with threadpool_limits(limits=1):
+        seen["limits_1"] = fastnn.get_num_threads()
         ok = bool(np.allclose(fastnn.matmul(a, a), a @ a))
-    print(json.dumps({"pools": info, "ok_under_limit": ok, "fastnn_dir": fastnn.__path__[0]}))
+    seen["after"] = fastnn.get_num_threads()
+    with threadpool_limits(limits=2, user_api="openmp"):
+        seen["openmp_2"] = fastnn.get_num_threads()
+    with threadpool_limits(limits=1, user_api="blas"):
+        seen["blas_1"] = fastnn.get_num_threads()
+    print(json.dumps({"pools": pools, "seen": seen, "ok_under_limit": ok,
+                      "module": os.path.realpath(fastnn._C.__file__), "loaded": open("/proc/self/maps").read()}))
 """)
 
 
-def test_threadpoolctl_sees_fastnn_openmp_pool():
+@pytest.mark.parametrize("order", ["fastnn_first", "threadpoolctl_first"])
+def test_threadpoolctl_sees_and_limits_fastnn(order):
+    """threadpool_info() lists fastnn's pool (user_api "openmp", internal_api "fastnn"); threadpool_limits
+    with no user_api or with user_api="openmp" limits it and restores it; a BLAS limit leaves it alone."""
     pytest.importorskip("threadpoolctl")
-    if fastnn.info()["openmp"] is None:
-        pytest.skip("this fastnn was built without OpenMP")
-    r = run_fresh(code=_THREADPOOLS)
+    r = run_fresh(order, code=_THREADPOOLS)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    openmp = [p for p in report["pools"] if p["user_api"] == "openmp"]
-    # Only fastnn was imported (NumPy's OpenBLAS has its own pthreads pool, user_api "blas"), so every
-    # OpenMP runtime threadpoolctl finds was loaded for fastnn._C.
-    assert openmp, f"threadpoolctl lists no OpenMP runtime after importing fastnn: {report['pools']}"
+    ours = [p for p in report["pools"] if p["internal_api"] == "fastnn"]
+    assert len(ours) == 1, f"threadpoolctl does not list fastnn's pool once: {report['pools']}"
+    assert ours[0]["user_api"] == "openmp" and ours[0]["num_threads"] == 3, ours
+    assert os.path.realpath(ours[0]["filepath"]) == report["module"], ours
+    assert report["seen"] == {"limits_1": 1, "after": 3, "openmp_2": 2, "blas_1": 3}, report["seen"]
     assert report["ok_under_limit"]
-    libs_dir = report["fastnn_dir"] + ".libs"  # where auditwheel puts the bundled libgomp
-    if os.path.isdir(libs_dir):
-        bundled = [p for p in openmp if os.path.dirname(os.path.realpath(p["filepath"])) == os.path.realpath(libs_dir)]
-        assert bundled, f"the wheel bundles {os.listdir(libs_dir)} but the OpenMP pool found is {openmp}"
 
 
-def test_info_names_the_openmp_runtime():
-    """fastnn.info() says which OpenMP runtime library the kernels run on (the bundled libgomp in a wheel)."""
-    info = fastnn.info()
-    if info["openmp"] is None:
-        pytest.skip("this fastnn was built without OpenMP")
-    runtime = info.get("openmp_runtime")
-    assert runtime, f"fastnn.info() has no openmp_runtime: {info}"
-    assert os.path.isfile(runtime), runtime
-    assert "omp" in os.path.basename(runtime), runtime
+def test_no_openmp_runtime_loaded():
+    """fastnn runs on its own pool: importing it (with NumPy) loads no OpenMP runtime, so a process with
+    PyTorch holds PyTorch's alone; info() describes the pool."""
+    pytest.importorskip("threadpoolctl")
+    r = run_fresh("fastnn_first", code=_THREADPOOLS)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    runtimes = {os.path.basename(line.split()[-1]) for line in report["loaded"].splitlines()
+                if any(name in line for name in ("libgomp", "libomp", "libiomp"))}
+    assert not runtimes, f"an OpenMP runtime was loaded: {runtimes}"
+    assert "fastnn" in fastnn.info()["thread_pool"]

@@ -136,7 +136,7 @@ def report(request):
 @pytest.fixture(autouse=True)
 def one_thread(restore_threads):
     # Leaks are in the bindings and allocations, not in threading; one thread keeps a loaded CI machine
-    # from spending the time budget in OpenMP barriers.
+    # from spending the time budget waiting for the pool's workers.
     fastnn.set_num_threads(1)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the release artifacts into dist/: the sdist, a wheel built from that sdist (so a broken sdist fails
-# here), then auditwheel repairs the wheel to the oldest manylinux tag its symbols allow, bundling libgomp.
+# here), then auditwheel repairs the wheel to the oldest manylinux tag its symbols allow
+# (nothing to bundle: the kernels run on fastnn's own thread pool, not on an OpenMP runtime).
 # Prints the tag, size and contents. The build tree is kept in build/wheel for tools/check_isa_objects.py.
 #
 #   tools/build_wheel.sh                                   # CPU build; the CUDA module too when nvcc is found
@@ -50,7 +51,7 @@ wheel=$(ls -t dist/fastnn-*manylinux*.whl | head -n1)
 rm -rf dist/raw
 
 # What must be inside: every extension module CMake installed (fastnn._C always; fastnn._cuda when it was
-# built), the Python package, the bundled OpenMP runtime, and nothing of the CUDA driver.
+# built), the Python package, no OpenMP runtime (fastnn has its own pool), and nothing of the CUDA driver.
 if command -v unzip >/dev/null; then listing=$(unzip -l "$wheel"); else listing=$("$PYTHON" -m zipfile -l "$wheel"); fi
 grep -Eq 'fastnn/_C\.[^/]*\.so$' <<<"$listing" || { echo "build_wheel: fastnn._C missing from $wheel" >&2; exit 1; }
 for built in $(find build/wheel -name '_*.so' -printf '%f\n'); do
@@ -61,6 +62,9 @@ if [ -n "$(find build/wheel -name '_cuda*.so')" ] && ! grep -Eq 'fastnn/_cuda\.[
 fi
 if grep -Eq 'libcuda\.so|libnvidia-ml' <<<"$listing"; then
   echo "build_wheel: the CUDA driver was bundled into $wheel" >&2; exit 1
+fi
+if grep -Eq 'lib(g|i)?omp' <<<"$listing"; then
+  echo "build_wheel: an OpenMP runtime was bundled into $wheel (fastnn._C must not link one)" >&2; exit 1
 fi
 size=$(stat -c %s "$wheel")
 if [ "$size" -gt $((MAX_MB * 1024 * 1024)) ]; then

@@ -7,7 +7,7 @@ thread control, the generic kernels, and any library code the linker kept) must 
 Disassembles (objdump -d) two things in a CMake build tree of fastnn:
   1. the generic kernel objects (CMakeFiles/fastnn_isa_generic.dir): no instruction past baseline x86-64;
   2. the linked, unstripped modules (_C*.so, and _cuda*.so's host code when built): every function whose name is not inside the avx2 / avx512 kernel
-     namespaces (fastnn::cpu::avx2::, fastnn::cpu::avx512::, their lambdas, OpenMP outlined bodies and
+     namespaces (fastnn::cpu::avx2::, fastnn::cpu::avx512::, their lambdas, the parallel pieces and
      template instantiations included) is baseline. This is the check that matters: module.cpp,
      dispatch.cpp and threads.cpp are compiled with -flto (pybind11's default), so their objects hold no
      machine code, and an inline function or template compiled in several ISA units is kept once by the

@@ -105,8 +105,10 @@ const char* isa_in_use();
 // Comma-separated ISA paths compiled in and supported by this CPU, best last.
 const char* isa_supported();
 
-// threads.cpp
+// threads.cpp: the thread count used by the kernels (all Python threads share it), and a one-line
+// description of the pool (fastnn.info()["thread_pool"]).
 int num_threads();
 void set_num_threads(int n);
+const char* thread_pool_info();
 
 }  // namespace fastnn::cpu

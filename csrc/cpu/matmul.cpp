@@ -63,33 +63,24 @@ void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& 
   // panel is packed (zero-padded rows). Other layouts are packed.
   const bool direct_a = g.a_cs == 1;
   const int64_t a_pack_first = direct_a ? M / kMR : 0;
-  // The loop nest runs on each thread of the team (tid of team); loops are split statically by hand and
-  // synchronized with barriers only when team > 1, so that with one thread (also inside a caller's
-  // batch-parallel region) there is no fork and no barrier binding to someone else's team.
-  auto body = [&](int64_t tid, int64_t team) {
-    auto sync = [&]() {
-#ifdef _OPENMP
-      if (team > 1) {
-#pragma omp barrier
-      }
-#endif
-    };
-    for (int64_t jc = 0; jc < N; jc += kNC) {
-      const int64_t nc = std::min(kNC, N - jc);
-      const int64_t n_panels = (nc + NR - 1) / NR;
-      // Split the N panels so that there are at least ~2 tasks per thread when M gives few row blocks.
-      const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_panels, (2 * nt + m_blocks - 1) / m_blocks));
-      const int64_t tasks = m_blocks * n_chunks;
-      const int64_t a_packs = m_panels - a_pack_first;
-      // K blocks of equal size (at most kKC): 784 = 4 x 196, not 3 x 256 + 16 (a short last block costs
-      // a full pass over C for little work).
-      const int64_t kblocks = (K + kKC - 1) / kKC, kstep = (K + kblocks - 1) / kblocks;
-      for (int64_t pc = 0; pc < K; pc += kstep) {
-        const int64_t kc = std::min(kstep, K - pc);
-        const bool last = pc + kc == K;
-        // Packed A panels for this K block sit at Ap[panel * kMR * kc].
-        const int64_t packs = n_panels + a_packs;
-        for (int64_t p = packs * tid / team; p < packs * (tid + 1) / team; ++p) {
+  // Per (N block, K block): the panels are packed in parallel, then the (row block x N chunk) tasks run in
+  // parallel; each parallel call returns when its pieces are done (the barrier between the phases).
+  for (int64_t jc = 0; jc < N; jc += kNC) {
+    const int64_t nc = std::min(kNC, N - jc);
+    const int64_t n_panels = (nc + NR - 1) / NR;
+    // Split the N panels so that there are at least ~2 tasks per thread when M gives few row blocks.
+    const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_panels, (2 * nt + m_blocks - 1) / m_blocks));
+    const int64_t tasks = m_blocks * n_chunks;
+    const int64_t a_packs = m_panels - a_pack_first;
+    // K blocks of equal size (at most kKC): 784 = 4 x 196, not 3 x 256 + 16 (a short last block costs
+    // a full pass over C for little work).
+    const int64_t kblocks = (K + kKC - 1) / kKC, kstep = (K + kblocks - 1) / kblocks;
+    for (int64_t pc = 0; pc < K; pc += kstep) {
+      const int64_t kc = std::min(kstep, K - pc);
+      const bool last = pc + kc == K;
+      // Packed A panels for this K block sit at Ap[panel * kMR * kc].
+      parallel_ranges(n_panels + a_packs, nt, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
           if (p < n_panels) {
             const int64_t j0 = p * NR;
             pack_b_panel<T, NRV>(B + pc * g.b_rs + (jc + j0) * g.b_cs, g.b_rs, g.b_cs, kc, std::min(NR, nc - j0),
@@ -100,36 +91,26 @@ void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& 
                          Ap + ip * kMR * kc);
           }
         }
-        sync();  // panels are ready
-        for (int64_t t = tasks * tid / team; t < tasks * (tid + 1) / team; ++t) {
-          const int64_t mb = t / n_chunks, ch = t % n_chunks;
-          const int64_t jp0 = n_panels * ch / n_chunks, jp1 = n_panels * (ch + 1) / n_chunks;
-          const int64_t ip0 = m_panels * mb / m_blocks, ip1 = m_panels * (mb + 1) / m_blocks;
-          for (int64_t jp = jp0; jp < jp1; ++jp) {
-            const int64_t j = jp * NR;
-            const int64_t nr = std::min(NR, nc - j);
-            for (int64_t ip = ip0; ip < ip1; ++ip) {
-              const int64_t i = ip * kMR;
-              const bool in_place = ip < a_pack_first;
-              const T* a = in_place ? A + i * g.a_rs + pc : Ap + ip * kMR * kc;
-              micro_kernel<T, NRV>(kc, a, in_place ? g.a_rs : 1, in_place ? 1 : kMR, Bp + jp * NR * kc, NR,
-                                   C + i * g.ldc + jc + j, g.ldc, std::min<int64_t>(kMR, M - i), nr, pc > 0,
-                                   last && g.bias ? bias_pad + jc + j : nullptr, last && g.relu);
-            }
+      });
+      parallel_items(tasks, nt, [&](int64_t t) {
+        const int64_t mb = t / n_chunks, ch = t % n_chunks;
+        const int64_t jp0 = n_panels * ch / n_chunks, jp1 = n_panels * (ch + 1) / n_chunks;
+        const int64_t ip0 = m_panels * mb / m_blocks, ip1 = m_panels * (mb + 1) / m_blocks;
+        for (int64_t jp = jp0; jp < jp1; ++jp) {
+          const int64_t j = jp * NR;
+          const int64_t nr = std::min(NR, nc - j);
+          for (int64_t ip = ip0; ip < ip1; ++ip) {
+            const int64_t i = ip * kMR;
+            const bool in_place = ip < a_pack_first;
+            const T* a = in_place ? A + i * g.a_rs + pc : Ap + ip * kMR * kc;
+            micro_kernel<T, NRV>(kc, a, in_place ? g.a_rs : 1, in_place ? 1 : kMR, Bp + jp * NR * kc, NR,
+                                 C + i * g.ldc + jc + j, g.ldc, std::min<int64_t>(kMR, M - i), nr, pc > 0,
+                                 last && g.bias ? bias_pad + jc + j : nullptr, last && g.relu);
           }
         }
-        sync();  // before the panels are overwritten
-      }
+      });
     }
-  };
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num(), omp_get_num_threads());
-    return;
   }
-#endif
-  body(0, 1);
 }
 
 // Threads worth using for one M x N x K product: about 2^20 multiply-adds per thread at least.
@@ -150,7 +131,7 @@ template <typename T> void gemm(const GemmArgs<T>& g) {
   const int nt = num_threads();
   if (g.batch == 1 || nt_one >= nt || nt == 1) {
     // Each product uses the threads; buffers are allocated before any parallel region (bad_alloc must
-    // reach Python as MemoryError, not escape an OpenMP region).
+    // reach Python as MemoryError, not escape a parallel region).
     Workspace<T> ws(g.M, g.N, g.K, g.bias != nullptr);
     for (int64_t b = 0; b < g.batch; ++b) one(g, a_of(b), b_of(b), g.C + b * g.c_bs, ws, nt_one);
     return;

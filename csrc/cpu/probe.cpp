@@ -55,14 +55,10 @@ template <typename T> double peak_gflops(int nt) {
   std::vector<double> secs(nt, 0.0);
   std::vector<T> sink(nt * 16);
   for (int rep = 0; rep < 3; ++rep) {  // the best of 3: the first also warms the clocks
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-    {
-      const int t = thread_index();
+    parallel_items(nt, nt, [&](int64_t t) {
       const double s = fma_seconds<T>(iters, &sink[t * 16]);
       if (rep == 0 || s < secs[t]) secs[t] = s;
-    }
+    });
   }
   double total = 0;
   for (int t = 0; t < nt; ++t) total += 2.0 * A * kLanes<T> * iters / secs[t];
@@ -90,15 +86,8 @@ double probe_bandwidth_gbs(int pattern, int threads, int64_t bytes, int reps) {
   double best = 0;
   for (int rep = 0; rep <= reps; ++rep) {
     const auto t0 = Clock::now();
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-    {
-      int64_t t = thread_index(), team = 1;
-#ifdef _OPENMP
-      team = omp_get_num_threads();
-#endif
-      const int64_t lo = n * t / team, hi = n * (t + 1) / team;
+    parallel_items(threads, threads, [&](int64_t t) {
+      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
       constexpr int64_t W = kLanes<float>;
       if (rep == 0) {  // first touch, on the thread that will use the pages
         for (int i = 0; i < arrays; ++i)
@@ -117,7 +106,7 @@ double probe_bandwidth_gbs(int pattern, int threads, int64_t bytes, int reps) {
           vstore(a + j, vload(a + j) - m / (v + 1e-8f));
         }
       }
-    }
+    });
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
     if (rep > 0) best = std::max(best, double(traffic) * sizeof(float) / s / 1e9);
   }

@@ -213,7 +213,7 @@ double cross_entropy(const T* logits, const int64_t* labels, T* grad, int64_t ro
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(num_threads(), rows / grain));
   const bool stream = stream_rows<T>(rows, cols);
   std::vector<double> partial(static_cast<size_t>(nt) * 8, 0.0);  // 8 apart: no false sharing
-  // Rows are split into nt fixed blocks so the sum does not depend on the OpenMP schedule.
+  // Rows are split into nt fixed blocks so the sum does not depend on the schedule.
   parallel_for(nt, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       double loss = 0;
