@@ -6,22 +6,22 @@
 # a run killed from outside still leaves what it had.
 #
 #   step       cap   what
-#   preflight   30 s  GPU, driver, python, cupy, nvcc, cmake, compute-sanitizer; NO usable GPU: stops here
+#   preflight   20 s  GPU, driver, python, cupy, nvcc, cmake, compute-sanitizer; NO usable GPU: stops here
 #   build      150 s  pip install --no-build-isolation --no-index --no-deps --target WORK/site . with
 #                     FASTNN_CUDA=ON and CMAKE_CUDA_ARCHITECTURES=native (this GPU only; the build resolves
 #                     `native` and records the list), into a scratch folder: nothing is installed system-wide
-#   check       20 s  fastnn.info(), cuda_is_available() and the architecture rule for this device; stops
+#   check       15 s  fastnn.info(), cuda_is_available() and the architecture rule for this device; stops
 #                     here (printing why) if the GPU is not usable by the build
-#   tests      120 s  pytest tests/test_gpu.py tests/test_gpu_edge.py tests/test_cuda_arch.py against the
+#   tests      150 s  pytest tests/test_gpu.py tests/test_gpu_edge.py tests/test_cuda_arch.py against the
 #                     installed package (a copy of tests/ outside the tree): every test must pass, none skip
 #   memcheck    60 s  compute-sanitizer memcheck over bench/gpu_smoke.py --no-pool (every kernel, fast and
 #                     plain, float32 and float16), instrumenting fastnn's kernels only, with cupy's memory
 #                     pool off so every array is its own allocation and an overrun is caught at its edge
-#   bench       90 s  bench/gpu_bench.py --quick: every op timed against cuBLAS / cupy / torch, checked first
-# Sum of the caps: 470 s.
+#   bench       80 s  bench/gpu_bench.py --quick: every op timed against cuBLAS / cupy / torch, checked first
+# Sum of the caps: 475 s.
 #
 # --more (bench/gpu_check_more.sh): what does not fit, in a second call of at most 9 minutes (TOTAL_S 540):
-# preflight, build and check as above, then compute-sanitizer racecheck (100 s), initcheck (40 s) and
+# preflight, build and check as above, then compute-sanitizer racecheck (110 s), initcheck (40 s) and
 # synccheck (40 s) over bench/gpu_smoke.py --no-pool (every kernel, fast and plain variants, fastnn's kernels
 # only), and the full-size bench (140 s).
 #
@@ -73,10 +73,10 @@ incomplete=0   # a step could not run
 summary=$out/summary.md
 env_log=$out/env.log
 if [ $more = 0 ]; then
-  declare -A CAP=([preflight]=30 [build]=150 [check]=20 [tests]=120 [memcheck]=60 [bench]=90)
+  declare -A CAP=([preflight]=20 [build]=150 [check]=15 [tests]=150 [memcheck]=60 [bench]=80)
   ORDER=(preflight build check tests memcheck bench)
 else
-  declare -A CAP=([preflight]=30 [build]=150 [check]=20 [racecheck]=100 [initcheck]=40 [synccheck]=40 [bench]=140)
+  declare -A CAP=([preflight]=20 [build]=150 [check]=15 [racecheck]=110 [initcheck]=40 [synccheck]=40 [bench]=140)
   ORDER=(preflight build check racecheck initcheck synccheck bench)
 fi
 GPU_BUILD_CAP=${CAP[build]}
