@@ -1,6 +1,13 @@
 """Every CUDA kernel once on small, awkward shapes (fast and plain variants, float32 and float16), checked
 loosely against NumPy. Small enough to run under compute-sanitizer (memcheck, racecheck): see gpu_check.sh.
-Exits non-zero on a wrong result or a CUDA error."""
+Exits non-zero on a wrong result or a CUDA error.
+
+    python bench/gpu_smoke.py [--no-pool]
+
+--no-pool turns cupy's memory pool off (cupy.cuda.set_allocator(None)): every array is then its own
+cudaMalloc, so a sanitizer sees its exact bounds (inside the pool, an overrun lands in rounded or carved
+blocks and goes unnoticed).
+"""
 import sys
 
 import numpy as np
@@ -12,6 +19,9 @@ from fastnn import reference as ref
 if not fastnn.cuda_is_available():
     sys.exit(f"gpu_smoke: no usable GPU: {fastnn.info().get('cuda_unavailable_reason')}")
 import cupy as cp  # noqa: E402
+
+if "--no-pool" in sys.argv[1:]:
+    cp.cuda.set_allocator(None)
 
 rng = np.random.default_rng(0)
 failures = []
@@ -77,7 +87,7 @@ for plain in (False, True):
                 want = fastnn.scaled_dot_product_attention_backward(go, q64, k64, v64, o, lse, enable_gqa=True, **kw)
                 got = fastnn.scaled_dot_product_attention_backward(
                     cp.asarray(go.astype(dt)), cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(o.astype(dt)),
-                    cp.asarray(lse.astype(dt)), enable_gqa=True, **gkw)
+                    cp.asarray(lse.astype(np.float32)), enable_gqa=True, **gkw)
                 for name, g_, w_ in zip("qkv", got, want):
                     close(f"sdpa_backward d{name} {tag} {list(kw)}", g_, w_, 20 * tol)
             gx, gw, gb = fastnn.linear_backward(cp.asarray(b2[:, :64].T.copy()), cp.asarray(a2[:64]), cp.asarray(b2[:, :64]))

@@ -31,7 +31,7 @@ struct AttnArgs {
   int64_t m_rs, m_cs;
   bool causal;
   float scale;
-  void* lse;
+  float* lse;  // float32 for every dtype (as FlashAttention): a float16 lse would shift whole rows of P
 };
 
 // The scaled, masked score of query i and key j of batch z, or -inf when the key is not allowed.
@@ -66,14 +66,14 @@ template <typename T> __global__ void sdpa_plain(AttnArgs a) {
     };
     float m = -INFINITY;
     for (int64_t j = 0; j < a.S; ++j) m = fmaxf(m, score(j));
-    float l = 0.f;
+    float l = 0.f;  // l == 0: no allowed key (zeros); NaN when a score is NaN (see sdpa_flash's store)
     for (int64_t j = 0; j < a.S; ++j) l += exp_diff(score(j), m);
     for (int64_t d = threadIdx.x; d < a.Ev; d += blockDim.x) {
       float acc = 0.f;
       for (int64_t j = 0; j < a.S; ++j) acc += exp_diff(score(j), m) * to_f(vp[a.v_off[z] + j * a.v_rs + d]);
-      static_cast<T*>(a.out)[row * a.Ev + d] = from_f<T>(m == -INFINITY ? 0.f : acc / l);
+      static_cast<T*>(a.out)[row * a.Ev + d] = from_f<T>(l == 0.f ? 0.f : acc / l);
     }
-    if (a.lse && threadIdx.x == 0) static_cast<T*>(a.lse)[row] = from_f<T>(m == -INFINITY ? -INFINITY : m + logf(l));
+    if (a.lse && threadIdx.x == 0) a.lse[row] = l == 0.f ? -INFINITY : m + logf(l);
   }
 }
 
@@ -270,16 +270,18 @@ template <typename T> __global__ void __launch_bounds__(kWarps * 32) sdpa_flash(
       tile_pv(Ps, Ss, KVs, Os, f);
     }
     __syncthreads();
+    // A row with no allowed key has l == 0: zeros and lse -inf. The sum decides, not the max: a NaN score is
+    // dropped by fmaxf (a row whose allowed scores are all NaN keeps m == -inf) but makes l NaN, so the row
+    // and its lse come out NaN, as on the CPU and in the oracle.
     T* out = static_cast<T*>(a.out) + (z * a.L + q0) * a.Ev;
     for (int idx = threadIdx.x; idx < BM * a.Ev; idx += blockDim.x) {
       const int r = int(idx / a.Ev), d = int(idx % a.Ev);
       if (q0 + r >= a.L) break;  // idx grows with r: every later idx is past the last row too
-      out[idx] = from_f<T>(row_m[r] == -INFINITY ? 0.f : Os[r * f.ldo + d] / row_l[r]);
+      out[idx] = from_f<T>(row_l[r] == 0.f ? 0.f : Os[r * f.ldo + d] / row_l[r]);
     }
     if (a.lse)
       for (int r = threadIdx.x; r < BM && q0 + r < a.L; r += blockDim.x)
-        static_cast<T*>(a.lse)[z * a.L + q0 + r] =
-            from_f<T>(row_m[r] == -INFINITY ? -INFINITY : row_m[r] + logf(row_l[r]));
+        a.lse[z * a.L + q0 + r] = row_l[r] == 0.f ? -INFINITY : row_m[r] + logf(row_l[r]);
   }
 }
 
@@ -319,7 +321,7 @@ void sdpa(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_
                    reinterpret_cast<void*>(out), as_ptr<const int64_t>(q_off), as_ptr<const int64_t>(k_off),
                    as_ptr<const int64_t>(v_off), nbatch, L, S, E, Ev, q_rs, k_rs, v_rs,
                    reinterpret_cast<const void*>(mask), mask_kind, as_ptr<const int64_t>(m_off), m_rs, m_cs, causal,
-                   scale, reinterpret_cast<void*>(lse)};
+                   scale, reinterpret_cast<float*>(lse)};
   if (dtype == kFloat32)
     launch_sdpa<float>(a, device, as_stream(stream), variant);
   else

