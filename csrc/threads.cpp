@@ -5,8 +5,8 @@
 // its barrier for every member, so a member that a spinning neighbour keeps off the CPU stalls the call
 // for a scheduler tick (measured: 8 ms instead of 0.6 ms on 2 cores). Here the work is claimed piece by
 // piece and the calling thread takes whatever a late worker has not claimed; workers poll briefly after a
-// call (kSpin, yielding the core to any other runnable thread) and then sleep on a futex, so they do not
-// take the cores from the neighbour's next call either. The pool is also fork-safe (GNU libgomp is not: a forked child hangs in its first parallel
+// call (kSpin) and then sleep on a futex, so they do not take the cores from the neighbour's next call
+// either. The pool is also fork-safe (GNU libgomp is not: a forked child hangs in its first parallel
 // region): the child forgets the parent's workers and starts its own on its first parallel call.
 //
 // One call uses the pool at a time: a call made while the pool is busy (another Python thread's kernel)
@@ -44,10 +44,9 @@ namespace {
 
 // How long an idle worker keeps polling for the next call before it sleeps: long enough to bridge the
 // Python between two kernel calls of a loop, short enough not to hold a core another library needs.
-// After the first kPolls polls it yields the core at each poll, so any other runnable thread on that core
-// (another library's worker, another process) runs first.
+// (Yielding the core while polling was tried: on a loaded machine the worker then missed every call.)
 constexpr auto kSpin = std::chrono::microseconds(50);
-constexpr int kPolls = 64;
+constexpr int kPolls = 64;  // polls between two clock reads
 // How long the calling thread polls for the last pieces (running on workers) before it yields its core
 // at each poll, so that a worker waiting for that core gets to finish.
 constexpr auto kCallerSpin = std::chrono::microseconds(20);
@@ -75,12 +74,8 @@ struct alignas(64) Worker {
     const auto until = std::chrono::steady_clock::now() + kSpin;
     uint32_t t;
     for (int k = 1; (t = ticket.load(std::memory_order_acquire)) == seen; ++k) {
-      if (k < kPolls) {
-        cpu_relax();
-      } else {
-        std::this_thread::yield();
-        if (std::chrono::steady_clock::now() > until) break;
-      }
+      cpu_relax();
+      if (k % kPolls == 0 && std::chrono::steady_clock::now() > until) break;
     }
     if (t != seen) return t;
     // Dekker with wake(): either it sees sleeping == 1, or this load sees its ticket.

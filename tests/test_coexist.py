@@ -3,7 +3,8 @@ pool) then a fastnn call, every library on two threads, must cost at most 2x the
 timed alone (an OpenMP build of fastnn measured 18x-500x: each library's idle workers spun on the cores
 the other's team needed). Timed in a fresh interpreter (real pools, nothing else of the suite running in
 it), with fastnn._coexist_bench's loops; each case gets up to 3 attempts, so that one burst of load from
-elsewhere on a shared machine does not fail it, while a systematic stall fails every attempt."""
+elsewhere on a shared machine does not fail it, while a systematic stall fails every attempt. fastnn's own
+call in the pair must also stay within 2x of fastnn alone on one thread."""
 import json
 import os
 import subprocess
@@ -21,17 +22,25 @@ _SCRIPT = textwrap.dedent("""
     import numpy as np
     import fastnn
     from fastnn import _coexist_bench as cb
-    neighbour, op = sys.argv[1], sys.argv[2]
+    neighbour, op, LIMIT = sys.argv[1], sys.argv[2], float(sys.argv[3])
     fastnn.set_num_threads(2)
     rng = np.random.default_rng(0)
     torch = cb._torch() if neighbour.startswith("torch") else None
     call, set_threads = cb._neighbours(rng, torch)[neighbour]
     set_threads(2)
+    fn = cb._fastnn_calls(rng)[op]
+    fastnn.set_num_threads(1)
+    cb._loop([fn], 10)
+    (one,), _ = cb._loop([fn], 200)
+    fastnn.set_num_threads(2)
+    one_thread_ms = sorted(one)[len(one) // 2] * 1e3
     attempts = []
     for _ in range(3):
-        row = cb.measure(call, cb._fastnn_calls(rng)[op], iters=200)
+        row = cb.measure(call, fn, iters=200)
+        row["fastnn_in_pair_ms"] = row["fastnn_ratio"] * row["fastnn_ms"]
+        row["fastnn_one_thread_ms"] = one_thread_ms
         attempts.append(row)
-        if row["ratio"] <= float(sys.argv[3]):
+        if row["ratio"] <= LIMIT and row["fastnn_in_pair_ms"] <= LIMIT * one_thread_ms:
             break
     print(json.dumps(attempts))
 """)
@@ -61,8 +70,12 @@ def test_neighbour_then_fastnn_within_2x_of_isolated(neighbour, op):
                        text=True, timeout=600)
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     attempts = json.loads(r.stdout.strip().splitlines()[-1])
-    best = min(attempts, key=lambda row: row["ratio"])
     detail = "; ".join(f"pair {a['pair_ms']:.3f} ms vs {a['neighbour_ms']:.3f} + {a['fastnn_ms']:.3f} ms alone "
-                       f"(x{a['ratio']:.2f}; neighbour in the pair x{a['nb_ratio']:.2f}, fastnn x{a['fastnn_ratio']:.2f})"
-                       for a in attempts)
-    assert best["ratio"] <= LIMIT, f"{neighbour} then fastnn.{op} on 2 threads each: {detail}"
+                       f"(x{a['ratio']:.2f}); fastnn in the pair {a['fastnn_in_pair_ms']:.3f} ms, alone on one "
+                       f"thread {a['fastnn_one_thread_ms']:.3f} ms" for a in attempts)
+    # The pair against the isolated times; and fastnn's own call in the pair against fastnn alone on one
+    # thread (what it falls back to when the neighbour holds the cores): this part depends on fastnn
+    # alone, not on how the neighbour's pool copes with a loaded machine.
+    assert min(a["ratio"] for a in attempts) <= LIMIT, f"{neighbour} then fastnn.{op}, 2 threads each: {detail}"
+    assert min(a["fastnn_in_pair_ms"] / a["fastnn_one_thread_ms"] for a in attempts) <= LIMIT, (
+        f"fastnn.{op} after {neighbour}, 2 threads each, slower than fastnn alone on one thread: {detail}")
