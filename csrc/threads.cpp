@@ -4,7 +4,7 @@
 // whose idle workers spin on the cores after each call. An OpenMP team splits work statically and waits at
 // its barrier for every member, so a member that a spinning neighbour keeps off the CPU stalls the call
 // for a scheduler tick (measured: 8 ms instead of 0.6 ms on 2 cores). Here the work is claimed piece by
-// piece and the calling thread takes whatever a late worker has not claimed; workers spin briefly after a
+// piece and the calling thread takes whatever a late worker has not claimed; workers poll briefly after a
 // call (kSpin) and then sleep on a futex, so they do not take the cores from the neighbour's next call
 // either. The pool is also fork-safe (GNU libgomp is not: a forked child hangs in its first parallel
 // region): the child forgets the parent's workers and starts its own on its first parallel call.
@@ -44,10 +44,12 @@ namespace {
 
 // How long an idle worker keeps polling for the next call before it sleeps: long enough to bridge the
 // Python between two kernel calls of a loop, short enough not to hold a core another library needs.
+// (Yielding the core while polling was tried: on a loaded machine the worker then missed every call.)
 constexpr auto kSpin = std::chrono::microseconds(50);
-// How long the calling thread polls for the last pieces (held by workers) before it starts yielding its
-// core, so that a worker descheduled on the caller's core gets to finish.
-constexpr int kCallerPolls = 1 << 12;
+constexpr int kPolls = 64;  // polls between two clock reads
+// How long the calling thread polls for the last pieces (running on workers) before it yields its core
+// at each poll, so that a worker waiting for that core gets to finish.
+constexpr auto kCallerSpin = std::chrono::microseconds(20);
 constexpr int kMaxWorkers = 1023;  // threads beyond the caller
 
 inline void cpu_relax() {
@@ -73,7 +75,7 @@ struct alignas(64) Worker {
     uint32_t t;
     for (int k = 1; (t = ticket.load(std::memory_order_acquire)) == seen; ++k) {
       cpu_relax();
-      if (k % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+      if (k % kPolls == 0 && std::chrono::steady_clock::now() > until) break;
     }
     if (t != seen) return t;
     // Dekker with wake(): either it sees sleeping == 1, or this load sees its ticket.
@@ -214,9 +216,18 @@ bool run_parallel(int64_t chunks, int nt, ChunkFn fn, void* ctx) {
   for (int i = 1; i < nt; ++i) p.slots[i]->wake(seq);
   tl_in_team = true;
   work(p, seq);
-  for (int k = 0; p.done.load(std::memory_order_acquire) != chunks; ++k) {
-    if (k < kCallerPolls) cpu_relax();
-    else std::this_thread::yield();
+  // The last pieces are running on workers: poll, then yield (a worker descheduled on this core resumes).
+  if (p.done.load(std::memory_order_acquire) != chunks) {
+    const auto until = std::chrono::steady_clock::now() + kCallerSpin;
+    bool spin = true;
+    for (int k = 1; p.done.load(std::memory_order_acquire) != chunks; ++k) {
+      if (spin) {
+        cpu_relax();
+        if (k % 64 == 0) spin = std::chrono::steady_clock::now() < until;
+      } else {
+        std::this_thread::yield();
+      }
+    }
   }
   tl_in_team = false;
   p.busy.store(false, std::memory_order_release);
