@@ -14,6 +14,22 @@ def import_torch():
         return None
 
 
+def torch_kernels(torch) -> dict:
+    """The instruction sets PyTorch runs: ATen's CPU capability (torch.backends.cpu), and the limits put
+    on its MKL and oneDNN by their environment variables (they cannot be asked)."""
+    if torch is None:
+        return {}
+    kernels = {}
+    try:
+        kernels["aten"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        pass
+    for name, var in (("mkl", "MKL_ENABLE_INSTRUCTIONS"), ("onednn", "ONEDNN_MAX_CPU_ISA")):
+        if var in os.environ:
+            kernels[name] = f"<= {os.environ[var]}"
+    return kernels
+
+
 def _openblas_functions():
     """ctypes functions of the OpenBLAS that NumPy loaded, those found of "set_num_threads",
     "get_num_threads" and "get_corename". Some builds decorate the names: NumPy's wheels ship
