@@ -80,8 +80,14 @@ def main(argv=None) -> int:
         return 0
 
     from fastnn import bench
+    extra = bench.extra.extra_ops()
+    chosen_extra = [op for op in (args.op or ()) if op in extra]
     if args.list:
-        for case in bench.select(args.op, args.quick, available=False):
+        for name in chosen_extra:
+            print(f"{name:<20} {'(its own runner)':<40} {'':<15} {extra[name][1]}")
+        if chosen_extra and len(chosen_extra) == len(args.op):
+            return 0
+        for case in bench.select([op for op in args.op or () if op not in extra], args.quick, available=False):
             where = {"full": "full run only", "quick": "--quick only"}.get(case.only, "")
             if not case.available():
                 where = f"skipped: no fastnn.{case.requires}"
@@ -93,11 +99,8 @@ def main(argv=None) -> int:
         except ValueError as exc:
             print(exc, file=sys.stderr)
             return 2
-        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
-        return bench.isa.run_paths(paths, _without(rest, {"--isa": 1, "--json": 1, "--plot": 1}, "bench"),
-                                   json_path=args.json, plot_path=args.plot)
-    extra = bench.extra.extra_ops()
-    chosen_extra = [op for op in (args.op or ()) if op in extra]
+        rest = _without(sys.argv[1:] if argv is None else argv, {"--isa": 1, "--json": 1, "--plot": 1}, "bench")
+        return bench.isa.run_paths(paths, rest, json_path=args.json, plot_path=args.plot)
     status = 0
     for op in chosen_extra:
         status = max(status, extra[op][0](args))
