@@ -13,6 +13,8 @@ Disassembles (objdump -d) two things in a CMake build tree of fastnn:
      machine code, and an inline function or template compiled in several ISA units is kept once by the
      linker — if it were an AVX copy, baseline code calling it would crash older CPUs with SIGILL.
 As a self-test of the pattern, the avx2 objects must show ymm + FMA and the avx512 objects zmm.
+And the FMA peak probe of every ISA unit (probe.cpp.o) keeps its chains in registers: no memory operand
+in its arithmetic loops.
 Exit status 0 when clean, 1 with the offending functions and instructions listed otherwise.
 """
 from __future__ import annotations
@@ -75,6 +77,57 @@ def report(label, bad):
         shown = ", ".join(sorted(set(instrs))[:6])
         print(f"  {label}: {function}: {len(instrs)} instruction(s) beyond baseline x86-64, e.g. {shown}")
     return len(bad)
+
+
+_ARITH = re.compile(r"^v?(fmadd|mulp|addp)")
+
+
+def probe_loops(obj):
+    """The loops (a backward jump's range) of the FMA probe's functions in obj whose body does 8 or more
+    vector multiply / add / FMA instructions, as (function, instructions, instructions touching memory)."""
+    out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", "-w", obj],
+                         check=True, capture_output=True, text=True).stdout
+    function, body = "?", []
+    loops = []
+    for line in out.splitlines() + [""]:
+        m = _FUNCTION.match(line)
+        if m or not line.strip():
+            for i, (addr, text) in enumerate(body):
+                jump = re.match(r"j\w+\s+([0-9a-f]+)\b", text)
+                if jump and int(jump.group(1), 16) < addr:
+                    loop = [t for a, t in body[:i + 1] if a >= int(jump.group(1), 16)]
+                    if ("fma_seconds" in function or "peak_gflops" in function) and sum(
+                            bool(_ARITH.match(t)) for t in loop) >= 8:
+                        loops.append((function, len(loop), [t for t in loop if "(%" in t and not t.startswith("nop")]))
+            body = []
+            if m:
+                function = m.group(1)
+            continue
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[0].strip().endswith(":"):
+            body.append((int(parts[0].strip()[:-1], 16), parts[1].strip()))
+    return loops
+
+
+def check_probe_loops(objects):
+    """The FMA peak probe (csrc/cpu/probe.cpp) of every ISA path keeps its accumulator chains in registers:
+    its arithmetic loops read and write no memory. Chains that spill measure store-to-load latency (they
+    did on AVX2: 16 chains in 16 YMM registers), and every "% of peak" of the bench is then wrong."""
+    problems = 0
+    for obj in sorted(glob.glob(os.path.join(objects, "fastnn_isa_*.dir", "**", "probe.cpp.o"), recursive=True)):
+        name = os.path.relpath(obj, objects)
+        loops = probe_loops(obj)
+        spilled = [(f, n, mem) for f, n, mem in loops if mem]
+        if not loops:
+            print(f"FAIL {name}: no FMA loop found in the peak probe")
+            problems += 1
+        elif spilled:
+            for function, n, mem in spilled:
+                print(f"FAIL {name}: {function}: the probe's loop ({n} instructions) spills: {', '.join(mem[:4])}")
+            problems += 1
+        else:
+            print(f"ok   {name}: {len(loops)} probe loop(s), all in registers")
+    return problems
 
 
 def main(argv):
@@ -143,8 +196,11 @@ def main(argv):
         else:
             print(f"ok   self-test: the {isa} objects use {needle.pattern[1:]} registers and FMA")
 
+    problems += check_probe_loops(objects)
+
     if problems:
-        print(f"check_isa_objects: {problems} problem(s): baseline code must not use instructions past x86-64")
+        print(f"check_isa_objects: {problems} problem(s): baseline code must not use instructions past x86-64, "
+              "and the FMA probe's chains must stay in registers")
         return 1
     print("check_isa_objects: baseline code is free of AVX/AVX2/AVX-512/FMA/BMI instructions")
     return 0

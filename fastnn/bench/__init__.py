@@ -9,8 +9,11 @@ tables and `plot_roofline()` draws them. The pytest-benchmark suite in bench/ re
 """
 from __future__ import annotations
 
+from . import extra, isa
+
 from .case import F32, IMPLS, Case, rel_error
 from .cases import CASES, OPS, select
+from .cases.train import numpy_mlp_step
 from .limits import LIMIT_NAMES, machine_limits
 from .peers import blas_info, import_torch
 from .plot import PLOT_CAPTION, have_matplotlib, plot_roofline
@@ -19,7 +22,8 @@ from .runner import Row, default_threads, parse_threads, run, run_case, scaling,
 from .timing import SETTLE_OPENMP_SECONDS, SETTLE_SECONDS, Timing, note_threads, settle, time_call
 
 __all__ = [
-    "F32", "IMPLS", "Case", "rel_error", "CASES", "OPS", "select", "LIMIT_NAMES", "machine_limits", "blas_info",
+    "extra", "isa",
+    "F32", "IMPLS", "Case", "rel_error", "CASES", "OPS", "select", "numpy_mlp_step", "LIMIT_NAMES", "machine_limits", "blas_info",
     "import_torch", "PLOT_CAPTION", "have_matplotlib", "plot_roofline", "format_report", "format_scaling",
     "format_seconds", "format_table", "Row", "default_threads", "parse_threads", "run", "run_case", "scaling",
     "use_threads", "SETTLE_OPENMP_SECONDS", "SETTLE_SECONDS", "Timing", "note_threads", "settle", "time_call",

@@ -9,6 +9,7 @@ import numpy as np
 
 import fastnn
 
+
 IMPLS = ("fastnn", "numpy", "torch")
 F32 = np.float32
 

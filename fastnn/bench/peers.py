@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+
 def import_torch():
     """torch, or None when it does not import (any error: a broken install must not stop the bench)."""
     try:
@@ -11,6 +12,22 @@ def import_torch():
         return torch
     except Exception:
         return None
+
+
+def torch_kernels(torch) -> dict:
+    """The instruction sets PyTorch runs: ATen's CPU capability (torch.backends.cpu), and the limits put
+    on its MKL and oneDNN by their environment variables (they cannot be asked)."""
+    if torch is None:
+        return {}
+    kernels = {}
+    try:
+        kernels["aten"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        pass
+    for name, var in (("mkl", "MKL_ENABLE_INSTRUCTIONS"), ("onednn", "ONEDNN_MAX_CPU_ISA")):
+        if var in os.environ:
+            kernels[name] = f"<= {os.environ[var]}"
+    return kernels
 
 
 def _openblas_functions():

@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import List, Optional
 
 from .case import IMPLS
-from .limits import LIMIT_NAMES
+from .limits import FMA_PIPES, LANES_F32, LIMIT_NAMES, implied_clock_ghz
+from .timing import SPREAD_FLAG
+
 
 def format_seconds(s: float) -> str:
     if s < 1e-3:
@@ -12,6 +14,10 @@ def format_seconds(s: float) -> str:
     if s < 1:
         return f"{s * 1e3:.2f} ms"
     return f"{s:.2f} s"
+
+
+# Marks a figure whose samples spread too much to be trusted (timing.SPREAD_FLAG), see the footnote.
+FLAG = " (!)"
 
 
 def _ratio(x: Optional[float]) -> str:
@@ -36,15 +42,17 @@ def format_table(rows: List[dict], with_torch: bool) -> str:
         sec = r["seconds"]
         limit = (f"{r['percent_limit']:.0f}% {LIMIT_NAMES.get(r['limit'], r['limit'])}"
                  if r["percent_limit"] is not None else "—")
+        shaky = set(r.get("unreliable", ()))
+        mark = lambda *names: FLAG if shaky & set(names) else ""
         line = [r["op"], r["case"],
-                format_seconds(sec["fastnn"]) if "fastnn" in sec else "—",
-                f"{r['rate']:.1f} {r['rate_unit']}" if r["rate"] is not None else "—",
+                format_seconds(sec["fastnn"]) + mark("fastnn") if "fastnn" in sec else "—",
+                f"{r['rate']:.1f} {r['rate_unit']}" + mark("fastnn") if r["rate"] is not None else "—",
                 limit,
-                format_seconds(sec["numpy"]) if "numpy" in sec else "—",
-                _ratio(r["speedup_vs_numpy"])]
+                format_seconds(sec["numpy"]) + mark("numpy") if "numpy" in sec else "—",
+                _ratio(r["speedup_vs_numpy"]) + mark("fastnn", "numpy")]
         if with_torch:
-            line += [format_seconds(sec["torch"]) if "torch" in sec else "n/a",
-                     _ratio(r["speedup_vs_torch"])]
+            line += [format_seconds(sec["torch"]) + mark("torch") if "torch" in sec else "n/a",
+                     _ratio(r["speedup_vs_torch"]) + mark("fastnn", "torch")]
         err = r["rel_error"].get("fastnn")
         line.append(("ok" if r["ok"] else "FAIL") + (f" ({err:.0e})" if err else ""))
         lines.append(line)
@@ -62,7 +70,8 @@ def format_scaling(results: dict) -> str:
     for e in entries:
         line = [e["op"], e["case"]]
         for n in counts:
-            line += [_ratio(e["speedup"][n].get(name)) for name in names]
+            shaky = set(e.get("unreliable", {}).get(n, ()))
+            line += [_ratio(e["speedup"][n].get(name)) + (FLAG if name in shaky else "") for name in names]
         lines.append(line)
     return _markdown(lines)
 
@@ -71,9 +80,23 @@ def _plural(n, word) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _torch_kernels(results: dict) -> str:
+    kernels = results.get("torch_kernels") or {}
+    names = {"aten": "ATen", "mkl": "MKL", "onednn": "oneDNN"}
+    return f" ({', '.join(f'{names[k]} {v}' for k, v in kernels.items())})" if kernels else ""
+
+
 def _limits_line(lim: dict) -> str:
+    model, isa = lim.get("model_peak_gflops_f32"), lim.get("isa")
+    clock = implied_clock_ghz(lim["peak_gflops_f32"] / lim["threads"], isa) if isa else None
+    if model:
+        model = f" (model from the clock: {model:.0f})"
+    elif clock:
+        model = f" (= {lim['threads']} x {FMA_PIPES} FMA pipes x {LANES_F32[isa]} lanes x 2 at {clock:.2f} GHz)"
+    else:
+        model = ""
     return (f"limits ({_plural(lim['threads'], 'thread')}): FMA peak {lim['peak_gflops_f32']:.0f} GFLOP/s "
-            f"float32, {lim['peak_gflops_f64']:.0f} float64; memory: copy {lim['mem_copy_gbs']:.1f} GB/s, "
+            f"float32{model}, {lim['peak_gflops_f64']:.0f} float64; memory: copy {lim['mem_copy_gbs']:.1f} GB/s, "
             f"in place {lim['mem_rw_gbs']:.1f} GB/s, Adam 4r/3w {lim['mem_adam_gbs']:.1f} GB/s")
 
 
@@ -91,10 +114,15 @@ def format_report(results: dict) -> str:
         f"fastnn {info.get('version', '?')}: ISA {isa} (supported: {supported}), "
         f"OpenMP {info.get('openmp', '?')}; threads: {counts}" + (" (quick run)" if results["quick"] else ""),
         f"NumPy {results['numpy']} ({blas.get('library')} {blas.get('core') or ''}); "
-        f"PyTorch {torch if torch else 'not importable'}; CPU: {results['machine']['processor']}",
+        f"PyTorch {torch if torch else 'not importable'}{_torch_kernels(results)}; "
+        f"CPU: {results['machine']['processor']}",
     ]
     env = blas.get("env")
-    if env:
+    if results.get("peer_isa"):
+        lines.append(f"peers forced to the {results['peer_isa']} path (--isa) through OPENBLAS_CORETYPE, "
+                     "ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA; the line above "
+                     "gives the kernels they report")
+    elif env:
         lines.append(f"note: {', '.join(f'{k}={v}' for k, v in env.items())} is set: NumPy's OpenBLAS "
                      "may not run its best kernel; unset both for this command to compare against it")
     for note in results.get("skipped", []):
@@ -117,6 +145,13 @@ def format_report(results: dict) -> str:
                  "32 MiB L3, partly stay in cache and can pass 100%). vs numpy / vs torch: their time / "
                  "fastnn's (> 1: fastnn faster). check: fastnn's relative error against the float64 oracle "
                  "(mlp_step: of each parameter's first Adam update).")
+    flagged = sum(bool(r.get("unreliable")) for run in results["runs"] for r in run["rows"])
+    if flagged:
+        lines.append(f"(!) {_plural(flagged, 'row')}: the 90th-percentile sample is over {SPREAD_FLAG}x the "
+                     "median, so another process or a thread pool disturbed the timing: the figure (and "
+                     "ratios and scaling built on it) is not to be trusted; run again on a quiet machine. In "
+                     "the scaling table (!) marks a ratio built on such a figure, as two-thread rows on a "
+                     "shared machine often are.")
     for run in results["runs"]:
         for r in run["rows"]:
             for name, why in r["failures"].items():

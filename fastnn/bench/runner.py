@@ -18,10 +18,12 @@ import fastnn
 from .case import IMPLS, Case
 from .cases import select
 from .limits import machine_limits
-from .peers import blas_info, import_torch
+from .isa import FORCED_ENV
+from .peers import blas_info, import_torch, torch_kernels
 from .plot import plot_roofline
 from .report import _plural, format_report, format_seconds
 from .timing import Timing, note_threads, settle, time_call
+
 
 @dataclass
 class Row:
@@ -58,6 +60,9 @@ class Row:
             "seconds": {k: t.median for k, t in self.times.items() if t},
             "best_seconds": {k: t.best for k, t in self.times.items() if t},
             "calls": {k: t.calls for k, t in self.times.items() if t},
+            "p90_seconds": {k: t.p90 for k, t in self.times.items() if t and t.p90},
+            # implementations whose p90 / median exceeds SPREAD_FLAG: their figures are flagged
+            "unreliable": sorted(k for k, t in self.times.items() if t and t.unreliable),
             "rate": self.rate, "rate_unit": {"flop": "GFLOP/s", "byte": "GB/s"}.get(c.unit),
             "percent_limit": self.percent_limit,
             "speedup_vs_numpy": self.speedup("numpy"), "speedup_vs_torch": self.speedup("torch"),
@@ -207,6 +212,8 @@ def run(ops=None, quick=False, threads=None, json_path=None, torch="auto", out=s
         "numpy": np.__version__,
         "blas": blas,
         "torch": getattr(torch, "__version__", None),
+        "torch_kernels": torch_kernels(torch),
+        "peer_isa": os.environ.get(FORCED_ENV),
         "skipped": [f"{c.op} {c.label}: fastnn.{c.requires} does not exist" for c in skipped],
         "runs": [{"threads": n, "blas": runs[n]["blas"], "limits": runs[n]["limits"],
                   "rows": [r.to_dict() for r in runs[n]["rows"]]} for n in counts],
@@ -233,9 +240,12 @@ def scaling(results: dict) -> List[dict]:
     others = [r for r in runs if r is not base]
     rows = []
     for i, b in enumerate(base["rows"]):
-        entry = {"op": b["op"], "case": b["case"], "base_threads": base["threads"], "speedup": {}}
+        entry = {"op": b["op"], "case": b["case"], "base_threads": base["threads"], "speedup": {},
+                 "unreliable": {}}
         for r in others:
             o = r["rows"][i]
+            # a ratio is as shaky as either figure it divides
+            entry["unreliable"][r["threads"]] = sorted(set(b.get("unreliable", ())) | set(o.get("unreliable", ())))
             entry["speedup"][r["threads"]] = {
                 name: b["seconds"][name] / o["seconds"][name]
                 for name in IMPLS if name in b["seconds"] and name in o["seconds"]}

@@ -1,9 +1,13 @@
 """Timing one call: the median of grouped samples, after the previous library's worker threads went quiet."""
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
+from typing import Optional
+
 
 # Idle worker threads spin before they sleep: OpenBLAS's for 2^28 cycles (~0.1 s), libgomp's (fastnn's
 # and PyTorch's OpenMP) for a few ms. On a 2-core machine the spinning threads of the library timed
@@ -22,12 +26,62 @@ def note_threads(threads, blas=False):
         _quiet_at = max(_quiet_at, time.perf_counter() + pause)
 
 
+QUIET_WINDOW = 0.02           # seconds: the pools are quiet when, over this long, the other threads
+QUIET_CPU_FRACTION = 0.02     # of this process used under this fraction of one core
+QUIET_TIMEOUT = 2.0           # seconds at most: a thread that never sleeps must not stall the bench
+
+
+def _other_threads_cpu_seconds():
+    """CPU seconds used so far by this process's threads other than the calling one (Linux:
+    /proc/self/task/*/schedstat, in ns), or None where that cannot be read."""
+    me = str(threading.get_native_id())
+    total = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            if tid == me:
+                continue
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue                                   # a thread that just ended
+    except OSError:
+        return None
+    return total / 1e9
+
+
+def wait_quiet(timeout=QUIET_TIMEOUT) -> Optional[float]:
+    """Wait until the other threads of this process (OpenBLAS's, PyTorch's and fastnn's worker pools)
+    stop using the CPU, i.e. until the pools of the implementation timed before have gone to sleep,
+    measured rather than assumed. Returns the seconds waited, or None where threads' CPU time cannot be
+    read (then only settle()'s fixed pauses apply)."""
+    start = time.perf_counter()
+    before = _other_threads_cpu_seconds()
+    if before is None:
+        return None
+    while True:
+        time.sleep(QUIET_WINDOW)
+        after = _other_threads_cpu_seconds()
+        if after - before < QUIET_CPU_FRACTION * QUIET_WINDOW:
+            return time.perf_counter() - start
+        if time.perf_counter() - start > timeout:
+            return time.perf_counter() - start
+        before = after
+
+
 def settle(seconds=None):
     """Wait until the worker threads of the previous implementation (and of the check) are asleep:
-    `seconds`, or until the time that note_threads() recorded."""
+    `seconds`, or until the time that note_threads() recorded, and then until wait_quiet() sees them
+    idle."""
     wait = seconds if seconds is not None else _quiet_at - time.perf_counter()
     if wait > 0:
         time.sleep(wait)
+    wait_quiet()
+
+
+# A row whose 90th-percentile sample exceeds its median by more than this is flagged in the tables:
+# another process or a pool that did not go quiet disturbed it, and its median is not to be trusted.
+SPREAD_FLAG = 1.25
 
 
 @dataclass
@@ -35,6 +89,16 @@ class Timing:
     median: float                                     # seconds per call
     best: float
     calls: int
+    p90: Optional[float] = None                       # 90th percentile of the samples (None: under 5)
+
+    @property
+    def spread(self) -> Optional[float]:
+        """p90 / median (None with too few samples to say)."""
+        return self.p90 / self.median if self.p90 and self.median > 0 else None
+
+    @property
+    def unreliable(self) -> bool:
+        return self.spread is not None and self.spread > SPREAD_FLAG
 
 
 def time_call(fn, budget=0.5, min_samples=5, max_samples=1000, first=None, warmup=0.0) -> Timing:
@@ -65,4 +129,5 @@ def time_call(fn, budget=0.5, min_samples=5, max_samples=1000, first=None, warmu
         samples.append((time.perf_counter() - t0) / group)
         if len(samples) >= min_samples and time.perf_counter() - start >= budget:
             break
-    return Timing(statistics.median(samples), min(samples), len(samples) * group)
+    p90 = statistics.quantiles(samples, n=10)[-1] if len(samples) >= 5 else None
+    return Timing(statistics.median(samples), min(samples), len(samples) * group, p90)

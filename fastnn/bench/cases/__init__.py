@@ -12,6 +12,7 @@ from .matmul import linear_backward_case, linear_case, matmul_case
 from .softmax import cross_entropy_case, softmax_backward_case, softmax_case
 from .train import adam_case, mlp_step_case
 
+
 CASES: List[Case] = [
     # matmul (M x K @ K x N); the "64x784x128" is M x K x N, so is its "4096x4096x64"
     # (4096x4096 @ 4096x64); the attention-like K = 64 reading (4096x64 @ 64x4096) is timed too.
