@@ -2,7 +2,7 @@
 pool) then a fastnn call, every library on two threads, must cost at most 2x the sum of the two calls
 timed alone (an OpenMP build of fastnn measured 18x-500x: each library's idle workers spun on the cores
 the other's team needed). Timed in a fresh interpreter (real pools, nothing else of the suite running in
-it), with fastnn._coexist_bench's loops; each case gets up to 3 attempts, so that one burst of load from
+it), with fastnn.bench.coexist's loops; each case gets up to 3 attempts, so that one burst of load from
 elsewhere on a shared machine does not fail it, while a systematic stall fails every attempt. fastnn's own
 call in the pair must also stay within 2x of fastnn alone on one thread."""
 import json
@@ -21,7 +21,7 @@ _SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     import fastnn
-    from fastnn import _coexist_bench as cb
+    from fastnn.bench import coexist as cb
     neighbour, op, LIMIT = sys.argv[1], sys.argv[2], float(sys.argv[3])
     fastnn.set_num_threads(2)
     rng = np.random.default_rng(0)

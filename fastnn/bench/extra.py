@@ -12,7 +12,7 @@ import importlib
 from typing import Callable, Dict, Tuple
 
 # Modules imported to register their op family; a module that is absent is skipped.
-EXTRA_MODULES: Tuple[str, ...] = ()
+EXTRA_MODULES: Tuple[str, ...] = ("fastnn.bench.coexist",)
 
 _REGISTRY: Dict[str, Tuple[Callable[..., int], str]] = {}
 

@@ -112,7 +112,7 @@ def format_report(results: dict) -> str:
     counts = ", ".join(map(str, results["threads"]))
     lines = [
         f"fastnn {info.get('version', '?')}: ISA {isa} (supported: {supported}), "
-        f"OpenMP {info.get('openmp', '?')}; threads: {counts}" + (" (quick run)" if results["quick"] else ""),
+        f"{info.get('thread_pool', '?')}; threads: {counts}" + (" (quick run)" if results["quick"] else ""),
         f"NumPy {results['numpy']} ({blas.get('library')} {blas.get('core') or ''}); "
         f"PyTorch {torch if torch else 'not importable'}{_torch_kernels(results)}; "
         f"CPU: {results['machine']['processor']}",

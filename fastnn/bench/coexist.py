@@ -10,22 +10,22 @@ reports the medians and 90th percentiles of the loop bodies and
     p90_ratio  p90(neighbour then fastnn) / (p90(neighbour alone) + p90(fastnn alone))
     nb_ratio   median of the neighbour's own call inside the pair / median of the neighbour alone
 
-1.0 means no interference (a little above is shared caches). Run: python -m fastnn._coexist_bench
-[--threads 1,2,4] [--quick]; `run()` returns the rows for other front ends.
+1.0 means no interference (a little above is shared caches). Run: fastnn bench --op coexist
+[--threads 1,2,4] [--quick] [--json FILE]; `run()` returns the rows for other front ends.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
 import fastnn
+
+from .extra import register
 
 # Long enough for OpenBLAS's idle workers (which poll for about 0.1 s after a call) to go to sleep before
 # the next loop starts: each loop is timed from a quiet machine.
@@ -192,15 +192,11 @@ def format_row(r):
             f"{r['nb_ratio']:>8.2f}{flag}")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m fastnn._coexist_bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", help="comma-separated thread counts (default: 1, 2 and the core count)")
-    ap.add_argument("--quick", action="store_true", help="fewer iterations")
-    ap.add_argument("--ops", help=f"comma-separated subset of {','.join(OPS)}")
-    ap.add_argument("--json", help="also write the rows to this file")
-    args = ap.parse_args(argv)
+def bench(args):
+    """`fastnn bench --op coexist`: the table for args.threads (default 1, 2 and the core count), fewer
+    iterations with args.quick, the rows also to args.json; returns the exit status."""
     threads = [int(t) for t in args.threads.split(",")] if args.threads else None
-    ops = tuple(args.ops.split(",")) if args.ops else OPS
+    ops = OPS
     info = fastnn.info()
     print(f"fastnn {info['version']} ({info['cpu_isa']}), {os.cpu_count()} cores; goal: ratio <= {GOAL_MEDIAN}, "
           f"p90 ratio <= {GOAL_P90}")
@@ -215,5 +211,5 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+register("coexist", bench, "each fastnn op right after a NumPy BLAS / PyTorch call, against the two alone "
+         "(thread-pool interference)")
