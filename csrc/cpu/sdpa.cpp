@@ -263,7 +263,10 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
   for (int64_t i = 0; i < L; ++i) {
     T acc = 0;
     for (int64_t c = 0; c < Ev; ++c) acc += dO[i * Ev + c] * Of[i * Ev + c];
-    D[i] = acc;
+    // D_i = dO_i . O_i equals rowsum(dP * P) (PyTorch's math path and the oracle); an infinite dO_i makes
+    // every dP_ij infinite too, and that rowsum NaN: NaN here, so that dS_ij = P (dP_ij - D_i) is NaN for
+    // every j as there (inf - inf would leave +-inf at the j whose dP_ij has the other sign).
+    D[i] = std::isfinite(acc) ? acc : std::numeric_limits<T>::quiet_NaN();
   }
   std::fill(dQ, dQ + L * E, T(0));
   for (int64_t k0 = 0; k0 < S; k0 += Bc) {
