@@ -2,6 +2,7 @@
 within EXP_ULP ulp of exp over its whole input range (results in the subnormal range and at the overflow edge
 included), the same special values everywhere; and the ops give the same tiny results on every path."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -158,8 +159,10 @@ def test_attention_tiny_weights_every_path(isa, dtype):
 
 
 @pytest.mark.slow
-def test_exp_float32_exhaustive(isa):
-    """All 2^32 float32 inputs (about a minute per path)."""
+def test_exp_float32_exhaustive(isa, request):
+    """All 2^32 float32 inputs (minutes per path): with `-m slow` or FASTNN_TEST_BIG=1, like tests/test_big.py."""
+    if not (os.environ.get("FASTNN_TEST_BIG") or "slow" in (request.config.getoption("-m") or "")):
+        pytest.skip("the exhaustive exp test runs with `-m slow` or FASTNN_TEST_BIG=1")
     worst = (0.0, None)
     for c in range(256):
         x = np.arange(c << 24, (c + 1) << 24, dtype=np.uint64).astype(np.uint32).view(np.float32)
