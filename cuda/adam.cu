@@ -24,7 +24,8 @@ __device__ __forceinline__ void adam1(const AdamScalars& a, float& p, float g, f
   v = v * a.beta2 + a.one_minus_beta2 * g * g;
   float vd = v;
   if (kAmsgrad) {
-    *vmax = *vmax < v ? v : *vmax;
+    // torch.maximum: a NaN in either operand is the result (*vmax < v alone drops a NaN v; fmaxf drops both).
+    *vmax = (*vmax < v || v != v) ? v : *vmax;
     vd = *vmax;
   }
   const float denom = sqrtf(vd) / a.bc2 + a.eps;

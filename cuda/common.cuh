@@ -61,6 +61,7 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 
 // exp(a - b) with exp(-inf - anything) = 0: the online-softmax merge of an empty or all -inf part must not
 // produce exp(-inf - (-inf)) = NaN.
+// (A NaN a is not -inf: it gives NaN.)
 __device__ __forceinline__ float exp_diff(float a, float b) { return a == -INFINITY ? 0.f : expf(a - b); }
 
 // ---- reductions ------------------------------------------------------------------------------------
@@ -71,6 +72,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
+// fmaxf drops NaN: callers carry a NaN by other means (attention: see its running max).
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));

@@ -20,7 +20,7 @@ namespace {
 template <typename T>
 __device__ __forceinline__ float epilogue(float acc, const T* __restrict__ bias, int64_t n, bool relu) {
   if (bias) acc += to_f(bias[n]);
-  if (relu) acc = !(acc <= 0.f) ? acc : 0.f;
+  if (relu) acc = !(acc <= 0.f) ? acc : 0.f;  // NaN kept, as np.maximum
   return acc;
 }
 

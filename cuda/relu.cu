@@ -8,6 +8,7 @@ namespace {
 
 // max(x, 0) with NaN kept: !(x <= 0) is true for NaN.
 template <typename T> __device__ __forceinline__ T relu1(T x) { return !(to_f(x) <= 0.f) ? x : from_f<T>(0.f); }
+// NaN x: relu1 keeps it (np.maximum); relu_grad1 gives 0, deliberately, as the CPU kernel (jax.nn.relu's rule).
 template <typename T> __device__ __forceinline__ T relu_grad1(T g, T x) { return to_f(x) > 0.f ? g : from_f<T>(0.f); }
 
 // ---- plain kernels -----------------------------------------------------------------------------------

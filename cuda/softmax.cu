@@ -47,6 +47,7 @@ template <typename T> __global__ void softmax_plain(const T* x, T* y, int64_t ro
   const T* xr = x + r * cols;
   T* yr = y + r * cols;
   float m = -INFINITY, s = 0.f;
+  // fmaxf drops a NaN, deliberately: it is carried by the sum (expf(NaN - m) = NaN), which makes the row NaN.
   for (int64_t j = 0; j < cols; ++j) m = fmaxf(m, to_f(xr[j]));
   for (int64_t j = 0; j < cols; ++j) s += expf(to_f(xr[j]) - m);
   for (int64_t j = 0; j < cols; ++j) {
@@ -114,6 +115,7 @@ __global__ void cross_entropy_plain(const T* __restrict__ x, const int64_t* __re
   T* gr = grad + r * cols;
   const int64_t label = labels[r];
   float m = -INFINITY, s = 0.f;
+  // fmaxf drops a NaN, deliberately: it is carried by the sum s, which makes the row and the loss NaN.
   for (int64_t j = 0; j < cols; ++j) m = fmaxf(m, to_f(xr[j]));
   for (int64_t j = 0; j < cols; ++j) s += expf(to_f(xr[j]) - m);
   for (int64_t j = 0; j < cols; ++j) gr[j] = from_f<T>((expf(to_f(xr[j]) - m) / s - (j == label ? 1.f : 0.f)) * scale);

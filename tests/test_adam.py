@@ -218,3 +218,20 @@ def test_adam_rejects_non_arrays():
     p, g, m, v = _state()
     with pytest.raises((TypeError, ValueError)):
         fastnn.adam_update(p.tolist(), g, m, v, step=1)
+
+
+@pytest.mark.parametrize("nan_in", ["grad", "max_exp_avg_sq"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_amsgrad_maximum_propagates_nan(isa, dtype, nan_in):
+    # np.maximum / torch.maximum: a NaN on either side of the running maximum is the result.
+    p = np.array([0.5, -1, 2, 0.25], dtype)
+    m, v, vmax = np.zeros(4, dtype), np.zeros(4, dtype), np.zeros(4, dtype)
+    fastnn.adam_update(p, np.array([0.1, -0.2, 0.3, 0.4], dtype), m, v, step=1, lr=1e-2, max_exp_avg_sq=vmax)
+    g = np.array([0.1, -0.2, 0.3, -0.4], dtype)
+    if nan_in == "grad":
+        g[1] = np.nan
+    else:
+        vmax[1] = np.nan
+    fastnn.adam_update(p, g, m, v, step=2, lr=1e-2, max_exp_avg_sq=vmax)
+    assert np.isnan(vmax[1]) and np.isnan(p[1])
+    assert np.isfinite(np.delete(vmax, 1)).all() and np.isfinite(np.delete(p, 1)).all()

@@ -11,19 +11,28 @@ import collections
 import faulthandler
 import math
 import os
+import random
 import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, seed, settings, strategies as st
 
 import fastnn
 from fastnn import reference as ref
 from conftest import assert_close, f64, softmax_backward_scale
 
 EXAMPLES = int(os.environ.get("FASTNN_FUZZ_EXAMPLES", "250"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                     suppress_health_check=list(HealthCheck))
+# A new seed each run (so runs explore), recorded: a failing test prints it (captured setup output), and
+# FASTNN_FUZZ_SEED=<seed> replays that run.
+SEED = int(os.environ.get("FASTNN_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+
+
+@pytest.fixture(autouse=True)
+def _print_seed():
+    print(f"fuzz seed: FASTNN_FUZZ_SEED={SEED}")
 HANG_SECONDS = 60  # one call taking longer than this is a hang: dump the stacks and exit
 
 FLOATS = [np.dtype(np.float32), np.dtype(np.float64)]
@@ -647,6 +656,7 @@ def _same_memory(a, b):
 # The drawn values include inf and NaN, on which the float64 oracle warns as NumPy does.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("name", list(OPS))
+@seed(SEED)
 @SETTINGS
 @given(data=st.data())
 def test_fuzz(name, data):

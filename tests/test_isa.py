@@ -40,12 +40,9 @@ def test_env_forces_each_supported_isa(name):
 
 
 def test_env_unknown_isa_is_clear():
-    # Documented choice: an unavailable request warns and keeps the best path, or fails at import with
-    # a message naming the variable. Either way never a crash or a silent change.
+    # Documented choice: an unavailable request warns (a RuntimeWarning naming the variable and the value)
+    # and keeps the best path; never a crash or a silent change.
     r = run_fresh("bogus", "import fastnn; print(fastnn.cpu_isa())")
-    text = r.stdout + r.stderr
-    assert "FASTNN_CPU_ISA" in text or "bogus" in text
-    if r.returncode == 0:
-        assert r.stdout.strip().splitlines()[-1] in supported_isas()
-    else:
-        assert r.returncode == 1, r.stderr  # a Python exception, not a signal
+    assert r.returncode == 0, r.stderr
+    assert "RuntimeWarning" in r.stderr and "FASTNN_CPU_ISA='bogus'" in r.stderr, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == supported_isas()[-1]

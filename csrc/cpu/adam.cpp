@@ -41,7 +41,8 @@ static void adam_range(const AdamArgs<T>& a, int64_t b, int64_t e) {
     T vd = vi;
     if (kAmsgrad) {
       T vm = vmax[i];
-      vm = vm < vi ? vi : vm;
+      // np.maximum / torch.maximum: a NaN in either operand is the result (vm < vi alone drops a NaN vi).
+      vm = (vm < vi || vi != vi) ? vi : vm;
       vmax[i] = vm;
       vd = vm;
     }

@@ -2,6 +2,8 @@
 // Out-of-place results larger than the caches are written with non-temporal stores: they skip the
 // read-for-ownership of the destination (a third of the traffic of a copy-like op) and leave the
 // cache to the inputs.
+#include <algorithm>
+
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
@@ -48,13 +50,27 @@ template <typename T> void relu(const T* x, T* y, int64_t n) {
 }
 
 template <typename T> void relu_backward(const T* g, const T* x, T* out, int64_t n) {
-  // grad where x > 0, else 0 (also 0 where x is NaN).
+  // grad where x > 0, else 0, also where x is NaN: deliberately not propagated (the forward already made
+  // that activation NaN; the gradient of max(x, 0) at NaN is taken as 0, as jax.nn.relu does).
   map<T>(x, g, out, n, [](auto xv, auto gv) { return xv > decltype(xv){} ? gv : decltype(xv){}; });
+}
+
+// exp through this ISA's vexp for every element (tail included), for the tests of its accuracy.
+template <typename T> void exp_array(const T* x, T* y, int64_t n) {
+  constexpr int64_t W = kLanes<T>;
+  parallel_for(n, kElementwiseGrain, [=](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i += W) {
+      const int64_t k = std::min<int64_t>(W, e - i);
+      vstore_part(y + i, vexp(vload_part(x + i, k, T(0))), k);
+    }
+  });
 }
 
 template void relu<float>(const float*, float*, int64_t);
 template void relu<double>(const double*, double*, int64_t);
 template void relu_backward<float>(const float*, const float*, float*, int64_t);
 template void relu_backward<double>(const double*, const double*, double*, int64_t);
+template void exp_array<float>(const float*, float*, int64_t);
+template void exp_array<double>(const double*, double*, int64_t);
 
 }  // namespace fastnn::cpu::FASTNN_ISA

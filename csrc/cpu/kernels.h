@@ -69,6 +69,8 @@ template <typename T> struct AdamArgs {
 template <typename T> struct OpTable {
   void (*relu)(const T* x, T* y, int64_t n);
   void (*relu_backward)(const T* g, const T* x, T* out, int64_t n);
+  // y = exp(x) through the vector exp the other kernels use (tests of its accuracy).
+  void (*exp)(const T* x, T* y, int64_t n);
   // Row-wise over `rows` contiguous rows of length `cols`.
   void (*softmax)(const T* x, T* y, int64_t rows, int64_t cols, bool log);
   // grad_in = y * (g - sum(g * y)) (softmax) or g - exp(y) * sum(g) (log_softmax, y = log-probs).

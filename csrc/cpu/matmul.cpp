@@ -33,7 +33,7 @@ template <typename T> void fill_empty_k(const GemmArgs<T>& g, T* C) {
   for (int64_t i = 0; i < g.M; ++i)
     for (int64_t j = 0; j < g.N; ++j) {
       T r = g.bias ? g.bias[j] : T(0);
-      if (g.relu) r = r < T(0) ? T(0) : r;
+      if (g.relu) r = r < T(0) ? T(0) : r;  // NaN kept (NaN < 0 is false), as np.maximum
       C[i * g.ldc + j] = r;
     }
 }
@@ -159,7 +159,7 @@ template <typename T> void gemm_naive(const GemmArgs<T>& g) {
         T s = 0;
         for (int64_t k = 0; k < g.K; ++k) s += A[i * g.a_rs + k * g.a_cs] * B[k * g.b_rs + j * g.b_cs];
         if (g.bias) s += g.bias[j];
-        if (g.relu) s = s < T(0) ? T(0) : s;
+        if (g.relu) s = s < T(0) ? T(0) : s;  // NaN kept, as np.maximum
         C[i * g.ldc + j] = s;
       }
   }

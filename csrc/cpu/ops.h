@@ -7,6 +7,7 @@ namespace fastnn::cpu::FASTNN_ISA {
 
 template <typename T> void relu(const T* x, T* y, int64_t n);
 template <typename T> void relu_backward(const T* g, const T* x, T* out, int64_t n);
+template <typename T> void exp_array(const T* x, T* y, int64_t n);
 template <typename T> void softmax(const T* x, T* y, int64_t rows, int64_t cols, bool log);
 template <typename T> void softmax_backward(const T* g, const T* y, T* out, int64_t rows, int64_t cols, bool log);
 template <typename T>

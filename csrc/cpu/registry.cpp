@@ -8,6 +8,7 @@ template <typename T> static OpTable<T> make_table() {
   OpTable<T> t;
   t.relu = relu<T>;
   t.relu_backward = relu_backward<T>;
+  t.exp = exp_array<T>;
   t.softmax = softmax<T>;
   t.softmax_backward = softmax_backward<T>;
   t.cross_entropy = cross_entropy<T>;

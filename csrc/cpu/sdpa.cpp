@@ -131,7 +131,7 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
       for (; j + 4 <= bc; j += 4)
         for (int u = 0; u < 4; ++u) {
           const V v = vload(St + (j + u) * ld + i);
-          mx[u] = vmax(mx[u], v);
+          mx[u] = vmax(mx[u], v);  // may drop a NaN v: collected in `nan` instead (one cmp, no blend)
           nan |= v != v;
         }
       for (; j < bc; ++j) {
@@ -141,7 +141,8 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
       }
       V m_new = vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3]));
       m_new = nan ? vset<T>(std::numeric_limits<T>::quiet_NaN()) : m_new;
-      const auto none = m_new == vset<T>(ninf);         // nothing allowed yet: P = 0, nothing rescaled
+      // Nothing allowed yet: P = 0, nothing rescaled. (NaN == -inf is false: a NaN m_new goes on into P.)
+      const auto none = m_new == vset<T>(ninf);
       const V m_sub = none ? V{} : m_new;
       const V al = none ? vset<T>(T(1)) : vexp(m_old - m_new);  // exp(-inf) = 0 on the first allowed block
       V sum{};
@@ -155,7 +156,7 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
       vstore(alpha + i, al);
     }
     for (int64_t i = 0; i < bq; ++i) {
-      if (alpha[i] == T(1)) continue;
+      if (alpha[i] == T(1)) continue;  // a NaN alpha is not 1: it rescales O to NaN
       T* o = Ob + i * ldo;
       const V av = vset<T>(alpha[i]);
       for (int64_t c = 0; c < ldo; c += W) vstore(o + c, vload(o + c) * av);
@@ -262,7 +263,10 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
   for (int64_t i = 0; i < L; ++i) {
     T acc = 0;
     for (int64_t c = 0; c < Ev; ++c) acc += dO[i * Ev + c] * Of[i * Ev + c];
-    D[i] = acc;
+    // D_i = dO_i . O_i equals rowsum(dP * P) (PyTorch's math path and the oracle); an infinite dO_i makes
+    // every dP_ij infinite too, and that rowsum NaN: NaN here, so that dS_ij = P (dP_ij - D_i) is NaN for
+    // every j as there (inf - inf would leave +-inf at the j whose dP_ij has the other sign).
+    D[i] = std::isfinite(acc) ? acc : std::numeric_limits<T>::quiet_NaN();
   }
   std::fill(dQ, dQ + L * E, T(0));
   for (int64_t k0 = 0; k0 < S; k0 += Bc) {
@@ -285,7 +289,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
         const T l = lse[q0 + i], di = D[q0 + i];
         T* pr = P + i * Bc;
         T* dr = dP + i * Bc;
-        if (l == ninf) {  // a row with no allowed key has no gradient
+        if (l == ninf) {  // a row with no allowed key has no gradient (a NaN lse is not -inf: NaN P below)
           for (int64_t j = 0; j < bc; ++j) pr[j] = dr[j] = T(0);
           continue;
         }
@@ -296,10 +300,11 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
           vstore(pr + j, pj);
           vstore(dr + j, sv * pj * (vload(dr + j) - dv));
         }
-        for (; j < bc; ++j) {
-          const T pj = std::exp(pr[j] - l);
-          pr[j] = pj;
-          dr[j] = a.scale * pj * (dr[j] - di);
+        if (j < bc) {  // the tail through the same vexp: P does not depend on a key's position in the tile
+          const int64_t k = bc - j;
+          const Vec<T> pj = vexp(vload_part(pr + j, k, T(0)) - lv);
+          vstore_part(pr + j, pj, k);
+          vstore_part(dr + j, sv * pj * (vload_part(dr + j, k, T(0)) - dv), k);
         }
       }
       // dV_j += P^T dO_i and dK_j += dS^T Q_i (kc = bq).

@@ -131,7 +131,9 @@ FASTNN_INLINE void stream_fence() {
 }
 
 // The helpers below take the vector type itself (V = Vec<float> or Vec<double>): Vec<T> is not deducible.
-// max/min that keep a NaN in `a` (a < b is false for NaN).
+// max/min that keep a NaN in `a` but drop one in `b` (a < b is false for NaN): one instruction (vmaxps
+// semantics), for the running maxima of softmax and attention, whose callers carry a NaN by other means
+// (said at each use). An op whose result is the maximum itself must propagate NaN from both sides (Adam).
 template <typename V> FASTNN_INLINE V vmax(V a, V b) { return a < b ? b : a; }
 template <typename V> FASTNN_INLINE V vmin(V a, V b) { return a > b ? b : a; }
 // relu that propagates NaN (NaN < 0 is false), as np.maximum(x, 0) does.
@@ -148,6 +150,7 @@ template <typename V> FASTNN_INLINE Elem<V> hsum(V v) {
     for (size_t i = 0; i < h; ++i) buf[i] += buf[i + h];
   return buf[0];
 }
+// hmax keeps a NaN only where it sits in the lane that wins every step (like vmax); callers carry NaN apart.
 template <typename V> FASTNN_INLINE Elem<V> hmax(V v) {
   using E = Elem<V>;
   constexpr size_t n = sizeof(V) / sizeof(E);
@@ -158,6 +161,7 @@ template <typename V> FASTNN_INLINE Elem<V> hmax(V v) {
   return buf[0];
 }
 
+// Scalar vmax: keeps a NaN in `a`, drops one in `b`.
 template <typename T> FASTNN_INLINE T smax(T a, T b) { return a < b ? b : a; }
 
 // exp(r) for |r| <= ln2/2, the core of vexp below. float: degree 6, fitted for relative error (2e-9 before
@@ -189,17 +193,17 @@ FASTNN_INLINE Vec<double> exp_poly(Vec<double> r) {
   return p * r + 1.0;
 }
 
-// exp(x) to about 2 ulp: Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, exp_poly(r), then scale by 2^n.
-// exp(-inf) = 0, exp(+inf) = inf, exp(NaN) = NaN. On AVX-512 the scaling is one vscalef, which also rounds
-// results into the subnormal range and to 0/inf correctly; elsewhere 2^n is built in the exponent bits and
-// results below the normal range are flushed to 0 (below 1.2e-38 in float, 1.7e-38 on AVX2; softmax,
-// attention and Adam never need them).
+// exp(x): Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, exp_poly(r), then scaled by 2^n with a
+// single rounding, so results in the subnormal range are rounded, not flushed. Every path: exp(NaN) = NaN,
+// exp(+inf) = inf, exp(-inf) = 0, and x is clamped first to [lo, hi] (NaN kept), a range a little wider than
+// the one where exp is a nonzero finite number: below lo the scaled result rounds to 0, above hi it
+// overflows to inf by itself, so no select after the scaling is needed. Measured error (tests/test_exp.py):
+// float at most 1 ulp, double at most 1 ulp, over the whole input range, the same on every path.
 #if defined(FASTNN_ISA_avx512)
-// x clamped to [lo, hi] (NaN kept) so that n stays finite: below lo exp rounds to 0, above hi to inf,
-// and scalef(p, n) with p in [0.7, 1.5] gives exactly those.
+// vmin/vmax return their second operand when either is NaN: x's NaN is kept. scalef(p, n) with p in
+// [0.7, 1.5] scales with one rounding, into the subnormal range, to 0 and to inf.
 FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   using V = Vec<float>;
-  // vmin/vmax return their second operand when either is NaN: x's NaN is kept.
   const __m512 xm = _mm512_max_ps(_mm512_set1_ps(-104.0f),
                                   _mm512_min_ps(_mm512_set1_ps(89.0f), reinterpret_cast<const __m512&>(x)));
   const V xc = reinterpret_cast<const V&>(xm);
@@ -228,14 +232,15 @@ FASTNN_INLINE Vec<double> vexp(Vec<double> x) {
   return reinterpret_cast<const V&>(y);
 }
 #else
+// Without vscalef, 2^n (n in [-150, 128] for float, [-1076, 1024] for double) is applied in two factors
+// that are each normal: 2^n1 with n1 = n >> 1 (exact: added to p's exponent field, which stays normal) and
+// then a multiply by 2^(n - n1), the one rounding.
 #if defined(FASTNN_ISA_avx2)
-// AVX2: x clamped to [-87.4, 88.8] (NaN kept) so that n = round(x / ln2) is in [-126, 128]; 2^n is built as
-// 2^(n-1) * 2 in the exponent bits, so n = 128 fits and above ~88.72 the product overflows to inf by
-// itself, while n = -126 gives a zero exponent field: results below about 1.7e-38 become 0, no select needed.
 FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   using V = Vec<float>;
-  const __m256 xm = _mm256_max_ps(_mm256_set1_ps(-87.4f), _mm256_min_ps(_mm256_set1_ps(88.8f),
-                                                                        reinterpret_cast<const __m256&>(x)));
+  // vmin/vmax return their second operand when either is NaN: x's NaN is kept.
+  const __m256 xm = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_min_ps(_mm256_set1_ps(89.0f),
+                                                                         reinterpret_cast<const __m256&>(x)));
   const V xc = reinterpret_cast<const V&>(xm);
   const V xl = xc * 1.44269504088896341f;
   const __m256 nm = _mm256_round_ps(reinterpret_cast<const __m256&>(xl), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -243,15 +248,18 @@ FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   const V p = exp_poly(r);
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nm), _mm256_set1_epi32(126)), 23);
-  return p * reinterpret_cast<const V&>(e) * 2.0f;
+  const __m256i ni = _mm256_cvtps_epi32(nm);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i p1 = _mm256_add_epi32(reinterpret_cast<const __m256i&>(p), _mm256_slli_epi32(n1, 23));
+  const __m256i s2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, n1), _mm256_set1_epi32(127)), 23);
+  return reinterpret_cast<const V&>(p1) * reinterpret_cast<const V&>(s2);
 }
 #else
 FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   using V = Vec<float>;
   using I = IVec<float>;
-  const V hi = vset<float>(88.7228391f), lo = vset<float>(-87.3365447f);
-  V xc = x > hi ? hi : x;
+  const V hi = vset<float>(89.0f), lo = vset<float>(-104.0f);
+  V xc = x > hi ? hi : x;  // NaN kept (both comparisons are false for it)
   xc = xc < lo ? lo : xc;
   const V magic = vset<float>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   V t = xc * 1.44269504088896341f + magic;
@@ -259,20 +267,18 @@ FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
   V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   const V p = exp_poly(r);
-  I tb, mb;  // n as an integer: the low bits of t minus those of the magic number
+  I tb, mb, pb;  // n as an integer: the low bits of t minus those of the magic number
   std::memcpy(&tb, &t, sizeof(V));
   std::memcpy(&mb, &magic, sizeof(V));
-  I ni = tb - mb;
-  // 2^n for n in [-126, 128): split to stay in range at n = 128.
-  I e1 = ((ni >> 1) + 127) << 23;
-  I e2 = ((ni - (ni >> 1)) + 127) << 23;
-  V s1, s2;
-  std::memcpy(&s1, &e1, sizeof(V));
+  std::memcpy(&pb, &p, sizeof(V));
+  const I ni = tb - mb, n1 = ni >> 1;
+  const I p1 = pb + (n1 << 23), e2 = ((ni - n1) + 127) << 23;
+  V y1, s2;
+  std::memcpy(&y1, &p1, sizeof(V));
   std::memcpy(&s2, &e2, sizeof(V));
-  V y = p * s1 * s2;
-  y = x > hi ? vset<float>(__builtin_inff()) : y;
-  y = x < lo ? V{} : y;
-  return y;
+  // A NaN x gives a garbage n, and p's exponent bits plus n1 could turn its NaN into a number: NaN in,
+  // NaN out by this select.
+  return x != x ? x : y1 * s2;
 }
 
 #endif
@@ -280,8 +286,8 @@ FASTNN_INLINE Vec<float> vexp(Vec<float> x) {
 FASTNN_INLINE Vec<double> vexp(Vec<double> x) {
   using V = Vec<double>;
   using I = IVec<double>;
-  const V hi = vset<double>(709.782712893384), lo = vset<double>(-708.3964185322641);
-  V xc = x > hi ? hi : x;
+  const V hi = vset<double>(710.0), lo = vset<double>(-746.0);
+  V xc = x > hi ? hi : x;  // NaN kept (both comparisons are false for it)
   xc = xc < lo ? lo : xc;
   const V magic = vset<double>(6755399441055744.0);  // 1.5 * 2^52
   V t = xc * 1.4426950408889634074 + magic;
@@ -289,19 +295,18 @@ FASTNN_INLINE Vec<double> vexp(Vec<double> x) {
   V r = xc - n * 6.93147180369123816490e-01;
   r = r - n * 1.90821492927058770002e-10;
   const V p = exp_poly(r);
-  I tb, mb;
+  I tb, mb, pb;
   std::memcpy(&tb, &t, sizeof(V));
   std::memcpy(&mb, &magic, sizeof(V));
-  I ni = tb - mb;
-  I e1 = ((ni >> 1) + 1023) << 52;
-  I e2 = ((ni - (ni >> 1)) + 1023) << 52;
-  V s1, s2;
-  std::memcpy(&s1, &e1, sizeof(V));
+  std::memcpy(&pb, &p, sizeof(V));
+  const I ni = tb - mb, n1 = ni >> 1;
+  const I p1 = pb + (n1 << 52), e2 = ((ni - n1) + 1023) << 52;
+  V y1, s2;
+  std::memcpy(&y1, &p1, sizeof(V));
   std::memcpy(&s2, &e2, sizeof(V));
-  V y = p * s1 * s2;
-  y = x > hi ? vset<double>(__builtin_inf()) : y;
-  y = x < lo ? V{} : y;
-  return y;
+  // A NaN x gives a garbage n, and p's exponent bits plus n1 could turn its NaN into a number: NaN in,
+  // NaN out by this select.
+  return x != x ? x : y1 * s2;
 }
 #endif
 

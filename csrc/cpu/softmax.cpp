@@ -80,6 +80,8 @@ template <typename T> static T row_max(const T* x, int64_t n) {
   constexpr int64_t W = kLanes<T>;
   int64_t i = 0;
   T m = -__builtin_inf();
+  // vmax, hmax and smax may drop a NaN (they keep the first operand's only): deliberately, as the NaN is
+  // carried by the sum instead (below), and a NaN-propagating max costs two more instructions per vector.
   if (n >= 2 * W) {
     Vec<T> m0 = vload(x), m1 = vload(x + W);
     for (i = 2 * W; i + 2 * W <= n; i += 2 * W) {
@@ -89,7 +91,8 @@ template <typename T> static T row_max(const T* x, int64_t n) {
     m = hmax(vmax(m0, m1));
   }
   for (; i < n; ++i) m = smax(m, x[i]);
-  // A NaN anywhere makes the row NaN below (x - max is NaN there), whichever max this returns.
+  // A NaN anywhere makes the row NaN below (exp(x - max) is NaN there, and so is the row's sum), whichever
+  // max this returns; +inf gives max = inf and exp(inf - inf) = NaN: NaN rows, as NumPy's formula gives.
   return m;
 }
 
@@ -139,7 +142,7 @@ static void produce_rows(T* out, int64_t rb, int64_t re, int64_t cols, bool stre
     const T f = fill(r, buf ? buf : o);
     if (buf)
       row_map(buf, o, cols, true, [sv = vset<T>(f)](Vec<T> v) { return v * sv; });
-    else if (f != T(1))
+    else if (f != T(1))  // a NaN factor (a NaN row) is not 1: applied
       row_map(o, o, cols, false, [sv = vset<T>(f)](Vec<T> v) { return v * sv; });
   }
 }
