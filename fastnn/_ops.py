@@ -735,13 +735,14 @@ def adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maxi
     return h
 
 
-def adam_step(bk, p, g, m, v, vmax, step: int, h: dict) -> None:
+def adam_step(bk, p, g, m, v, vmax, step: int, h: dict, written=None) -> None:
     """The kernel call of one checked Adam step (adam_update's and Adam.step's): grad copied when it is not
-    C-contiguous or shares memory with the updated arrays."""
+    C-contiguous or shares memory with one of the `written` arrays (default: all the updated ones; Adam
+    passes only the parameter, as its state arrays are its own)."""
     if p.size == 0:
         return
     if not (g.flags.c_contiguous and bk.aligned(g)) or any(
-            bk.xp.may_share_memory(g, s) for s in (p, m, v, vmax) if s is not None):
+            bk.xp.may_share_memory(g, s) for s in (written or (p, m, v, vmax)) if s is not None):
         g = bk.xp.array(g, order="C", copy=True)
     lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
     bk.adam(p, g, m, v, vmax, lr, beta1, beta2, h["eps"], h["weight_decay"], *adam_scalars(lr, beta1, beta2, step),

@@ -113,7 +113,7 @@ class Adam:
             for p, g, s in pairs:
                 s["step"] += 1
                 adam_step(bk, p, g, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] if amsgrad else None,
-                          s["step"], h)
+                          s["step"], h, (p,))
 
     # ---- checkpoints: a flat dict of numpy arrays and Python scalars ----------------------------------
 
