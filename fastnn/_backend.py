@@ -70,17 +70,8 @@ class Cpu:
         return dtype
 
     def wrap(self, r):
-        """A result in the caller's array type (tuples element-wise; floats and None unchanged)."""
-        if self.family is None:
-            return r
-        if isinstance(r, tuple):
-            return tuple(self.wrap(x) for x in r)
-        if r is None or isinstance(r, float):
-            return r
-        for native, original in self.written:
-            if r is native:
-                return original
-        return self.family.back(r)
+        """A result in the caller's array type."""
+        return r if self.family is None else self.family.wrap(r, self.written)
 
     # -- the compiled entries --
     @staticmethod
@@ -166,6 +157,18 @@ class Family:
 
     def back(self, a):
         return a
+
+    def wrap(self, r, written):
+        """Result `r` (tuples element-wise; floats and None unchanged) in the caller's type: an array written
+        in place is the caller's own object (`written`: (native view, caller's array) pairs)."""
+        if isinstance(r, tuple):
+            return tuple(self.wrap(x, written) for x in r)
+        if r is None or isinstance(r, float):
+            return r
+        for native, original in written:
+            if r is native:
+                return original
+        return self.back(r)
 
     def stream(self):
         """The CUDA stream (a raw pointer) the caller's library computes on; None: cupy's current stream."""

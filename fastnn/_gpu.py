@@ -20,7 +20,6 @@ from typing import Optional
 import numpy as np
 
 from ._attention_grad import attention_backward
-from ._backend import Cpu
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 _lock = threading.Lock()
@@ -173,7 +172,9 @@ class Cuda:
                 with self.cp.cuda.ExternalStream(ptr):
                     yield
 
-    wrap = Cpu.wrap
+    def wrap(self, r):
+        """A result in the caller's array type."""
+        return r if self.family is None else self.family.wrap(r, self.written)
 
     @staticmethod
     def aligned(a) -> bool:

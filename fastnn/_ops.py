@@ -21,7 +21,7 @@ from typing import Tuple
 import numpy as np
 
 from . import _C
-from ._attention_grad import attention_backward, reduce_grad
+from ._attention_grad import reduce_grad
 from ._backend import adopt, contiguous
 
 _ndarray = np.ndarray
@@ -699,13 +699,6 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
         dq, dk, dv = bk.sdpa_backward(at.plan(), g, o, lse, matmul)
         return bk.wrap((at.reduce_to(dq, at.q_shape, False), at.reduce_to(dk, at.k_shape, True),
                         at.reduce_to(dv, at.v_shape, True)))
-
-
-def composed_sdpa_backward(bk, at, g, o, lse, matmul):
-    """The attention backward composed of batched products and element-wise operations (for backends
-    without a fused kernel): per-head float32 (dq, dk, dv)."""
-    return attention_backward(bk.xp, matmul, g, at.q, at.k, at.v, o, lse, at.mask, at.causal, at.scale,
-                              at.group, at.batch)
 
 
 # ---- Adam -----------------------------------------------------------------------------------------
