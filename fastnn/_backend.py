@@ -71,7 +71,11 @@ class Cpu:
 
     def wrap(self, r):
         """A result in the caller's array type."""
-        return r if self.family is None else self.family.wrap(r, self.written)
+        if self.family is None:
+            return r
+        if type(r) is np.ndarray and not self.written:
+            return self.family.back(r)
+        return self.family.wrap(r, self.written)
 
     # -- the compiled entries --
     @staticmethod
@@ -245,8 +249,36 @@ _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA; kDLCPU is 1
 _dlpack_families: dict = {}
 
 
+_TORCH_CPU_BACKEND = Cpu(_TORCH[0])  # shared by the calls that write no torch tensor in place
 _torch_tensor = None  # torch.Tensor once one has been seen (a cheaper test than the module name)
 _from_numpy = None    # torch.from_numpy, likewise
+
+
+def _torch_cpu(arrays: dict, writes):
+    """adopt() for the commonest foreign call, plain torch CPU tensors (no grad, numpy dtypes): (backend,
+    natives) or None for anything else, which the general path then handles (and explains)."""
+    natives = []
+    written = None
+    try:
+        for name, v in arrays.items():
+            if v is None:
+                if name not in OPTIONAL:
+                    return None
+                natives.append(None)
+            elif type(v) is _torch_tensor and not v.is_cuda and not v.requires_grad:
+                a = v.numpy()
+                natives.append(a)
+                if name in writes:
+                    written = (written or []) + [(a, v)]
+            else:
+                return None
+    except (TypeError, RuntimeError):
+        return None
+    if written is None:
+        return _TORCH_CPU_BACKEND, natives
+    bk = Cpu(_TORCH[0])
+    bk.written = written
+    return bk, natives
 
 
 def family_of(x):
@@ -301,6 +333,10 @@ def adopt(op: str, arrays: dict, writes=()):
             break
     else:
         return CPU, list(values)
+    if type(v) is _torch_tensor:
+        found = _torch_cpu(arrays, writes)
+        if found is not None:
+            return found
     first = family = None
     for name, v in arrays.items():
         if v is None and name in OPTIONAL:
