@@ -215,12 +215,13 @@ def test_non_arrays_name_the_accepted_types(junk):
         fastnn.relu(junk)
 
 
-def test_import_does_not_import_torch_jax_or_cupy():
+def test_import_does_not_import_torch_jax_or_cupy(tmp_path):
     code = ("import sys, numpy as np, fastnn\n"
             "fastnn.relu(np.ones(3)); fastnn.info()\n"
             "print(sorted(m for m in ('torch', 'jax', 'cupy') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=pkg_env(), check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    # (run outside the source tree: `python -c` puts the working directory first on sys.path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=pkg_env(), cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # ---- the GPU path's checks, without a GPU ----------------------------------------------------------------
