@@ -1,7 +1,9 @@
-"""fastnn: hand-written fast neural-network kernels for NumPy arrays.
+"""fastnn: hand-written fast neural-network kernels for NumPy, PyTorch, JAX and CuPy arrays.
 
 Every op runs a C++ kernel (its own thread pool + SIMD, the best ISA path this CPU supports picked at import)
-on float32 or float64 numpy arrays and releases the GIL while it runs. `fastnn.reference` holds the
+on float32 or float64 CPU arrays (numpy, torch CPU tensors, JAX arrays or any DLPack array; results in
+the caller's type) and releases the GIL while it runs; GPU arrays (cupy, torch CUDA tensors) run the CUDA
+kernels (fastnn/_gpu.py). This module only re-exports (fastnn/_ops.py holds the ops). `fastnn.reference` holds the
 same functions in plain NumPy (the test oracles). Set FASTNN_CPU_ISA=generic|avx2|avx512 to force a
 lower code path; an unavailable request warns and keeps the best available one.
 """
@@ -26,6 +28,7 @@ from ._ops import (
     cross_entropy,
     get_num_threads,
     linear,
+    linear_backward,
     log_softmax,
     log_softmax_backward,
     matmul,
@@ -38,99 +41,10 @@ from ._ops import (
     softmax,
     softmax_backward,
 )
-from .train import Adam, linear_backward
-
-__version__: str = _C.__version__
-
+from .train import Adam
 from . import _gpu
 
-# GPU arrays (anything with __cuda_array_interface__, e.g. cupy) go to the CUDA kernels (fastnn/_gpu.py);
-# numpy arrays to the CPU kernels. fastnn._cuda and cupy are imported only when a GPU array arrives.
-matmul = _gpu.dispatch(matmul, _gpu.matmul)
-linear = _gpu.dispatch(linear, _gpu.linear)
-relu = _gpu.dispatch(relu, _gpu.relu)
-relu_backward = _gpu.dispatch(relu_backward, _gpu.relu_backward)
-softmax = _gpu.dispatch(softmax, _gpu.softmax)
-log_softmax = _gpu.dispatch(log_softmax, _gpu.log_softmax)
-softmax_backward = _gpu.dispatch(softmax_backward, _gpu.softmax_backward)
-log_softmax_backward = _gpu.dispatch(log_softmax_backward, _gpu.log_softmax_backward)
-cross_entropy = _gpu.dispatch(cross_entropy, _gpu.cross_entropy)
-scaled_dot_product_attention = _gpu.dispatch(scaled_dot_product_attention, _gpu.scaled_dot_product_attention)
-scaled_dot_product_attention_backward = _gpu.dispatch(scaled_dot_product_attention_backward,
-                                                      _gpu.scaled_dot_product_attention_backward)
-adam_update = _gpu.dispatch(adam_update, _gpu.adam_update)
-linear_backward = _gpu.dispatch(linear_backward, _gpu.linear_backward)
-
-
-# The most frequent calls go first through a compiled fast path for plain arguments (numpy arrays of one
-# float dtype, C-contiguous, aligned, out= None or directly writable), which returns None for anything
-# else; the general path above then runs. A call on tiny arrays so costs less than NumPy's.
-def _fast(public, fast_call):
-    fast_call.__doc__, fast_call.__wrapped__ = public.__doc__, public.__wrapped__
-    fast_call.__name__ = fast_call.__qualname__ = public.__name__
-    fast_call.cpu, fast_call.gpu = public.cpu, public.gpu
-    return fast_call
-
-
-def _fast_ops(ndarray=_np.ndarray, matmul2d=_C.matmul2d, relu_fast=_C.relu_fast,
-              relu_backward_fast=_C.relu_backward_fast, softmax_fast=_C.softmax_fast, linear_fast=_C.linear_fast,
-              cross_entropy_fast=_C.cross_entropy_fast, matmul_=matmul, relu_=relu, relu_backward_=relu_backward,
-              softmax_=softmax, log_softmax_=log_softmax, linear_=linear, cross_entropy_=cross_entropy):
-    def matmul(a, b, *, out=None):
-        if type(a) is ndarray and type(b) is ndarray:
-            c = matmul2d(a, b, out)
-            if c is not None:
-                return c
-        return matmul_(a, b, out=out)
-
-    def relu(x, *, out=None):
-        if type(x) is ndarray:
-            y = relu_fast(x, out)
-            if y is not None:
-                return y
-        return relu_(x, out=out)
-
-    def relu_backward(grad_output, x, *, out=None):
-        if type(x) is ndarray and type(grad_output) is ndarray:
-            y = relu_backward_fast(grad_output, x, out)
-            if y is not None:
-                return y
-        return relu_backward_(grad_output, x, out=out)
-
-    def softmax(x, axis=-1, *, out=None):
-        if type(x) is ndarray:
-            y = softmax_fast(x, axis, out, False)
-            if y is not None:
-                return y
-        return softmax_(x, axis, out=out)
-
-    def log_softmax(x, axis=-1, *, out=None):
-        if type(x) is ndarray:
-            y = softmax_fast(x, axis, out, True)
-            if y is not None:
-                return y
-        return log_softmax_(x, axis, out=out)
-
-    def linear(x, weight, bias=None, *, activation=None):
-        if type(x) is ndarray and type(weight) is ndarray:
-            y = linear_fast(x, weight, bias, activation)
-            if y is not None:
-                return y
-        return linear_(x, weight, bias, activation=activation)
-
-    def cross_entropy(logits, labels):
-        if type(logits) is ndarray:
-            r = cross_entropy_fast(logits, labels)
-            if r is not None:
-                return r
-        return cross_entropy_(logits, labels)
-
-    return (_fast(matmul_, matmul), _fast(relu_, relu), _fast(relu_backward_, relu_backward),
-            _fast(softmax_, softmax), _fast(log_softmax_, log_softmax), _fast(linear_, linear),
-            _fast(cross_entropy_, cross_entropy))
-
-
-matmul, relu, relu_backward, softmax, log_softmax, linear, cross_entropy = _fast_ops()
+__version__: str = _C.__version__
 
 
 def cuda_is_available() -> bool:

@@ -1,43 +1,45 @@
-"""The public ops: argument checks, layout preparation and calls into the C++ kernels (fastnn._C).
+"""The public ops, written once for every array type: argument checks, shape/axis planning, allocation.
+
+Each public function first tries the compiled fast path for plain numpy arguments (fastnn._C: it checks
+them and runs the kernel, or returns None for anything else). The general path then adopts the call's
+arrays (fastnn/_backend.py: numpy, torch, JAX, cupy or another DLPack array, all of one family, viewed
+without copies as numpy or cupy arrays) and runs the one check-and-plan below against the backend they
+belong to (the CPU backend, or the CUDA one in fastnn/_gpu.py), which allocates and calls its compiled
+entry; results go back in the caller's array type.
 
 Every check lives here, at the boundary: a bad argument raises TypeError (wrong type or dtype) or
-ValueError (bad shape, axis or value) naming the argument, what was given and what was expected.
-The kernels receive validated, prepared arrays and release the GIL while they run.
+ValueError (bad shape, axis or value) naming the argument, what was given and what was expected, with
+the same message on every backend.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import operator
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
 from . import _C
 from ._attention_grad import reduce_grad
+from ._backend import adopt, contiguous
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ndarray = np.ndarray
 _ZERO_OFFSETS = np.zeros(1, dtype=np.int64)
 _ZERO_OFFSETS.flags.writeable = False
+_INTS = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 # ---- argument checks ------------------------------------------------------------------------------
 
-def _array(x, name: str) -> np.ndarray:
-    """x as a float32/float64 numpy array, or a clear TypeError."""
-    if isinstance(x, np.ndarray):
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {x.dtype}")
-        return x
-    if hasattr(x, "__cuda_array_interface__"):
-        raise TypeError(
-            f"{name}: got a GPU array ({type(x).__module__}.{type(x).__name__}) in a call with numpy arrays; "
-            "pass every array of one call on the same side (cupy.asnumpy(x) to move it to the host)"
-        )
-    raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+def _floats(bk, x, name: str):
+    """x, checked to have one of the backend's float dtypes."""
+    if x.dtype not in bk.float_dtypes:
+        raise TypeError(f"{name}: expected a {bk.dtype_names} array, got dtype {x.dtype}")
+    return x
 
 
-def _same_dtype(ref: np.ndarray, ref_name: str, x: np.ndarray, name: str) -> None:
+def _same_dtype(ref, ref_name: str, x, name: str) -> None:
     if x.dtype != ref.dtype:
         raise TypeError(f"{name}: dtype {x.dtype} does not match {ref_name}'s dtype {ref.dtype}; "
                         "operands of one op must share one dtype")
@@ -65,15 +67,26 @@ def _flag(x, name: str) -> bool:
     return bool(x)
 
 
-def _check_out(out, shape, dtype, name: str = "out") -> np.ndarray:
+def _count(x, name: str, minimum: int, why: str = "") -> int:
+    """x as a Python int >= minimum (any integer type but bool), else TypeError / ValueError."""
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got bool")
+    try:
+        x = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(x).__name__}") from None
+    if x < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}{why}, got {x}")
+    return int(x)
+
+
+def _check_out(bk, out, shape, dtype, name: str = "out"):
     """Checks a user-provided output array (shape, dtype, writable, no self-overlapping strides)."""
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {out.dtype}")
     if out.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {out.shape}")
-    if not out.flags.writeable:
+    if not bk.writable(out):
         raise ValueError(f"{name}: the array is read-only")
     if _self_overlapping(out):
         raise ValueError(f"{name}: has zero or overlapping strides (several elements share memory, e.g. a "
@@ -81,7 +94,7 @@ def _check_out(out, shape, dtype, name: str = "out") -> np.ndarray:
     return out
 
 
-def _self_overlapping(a: np.ndarray) -> bool:
+def _self_overlapping(a) -> bool:
     """Whether elements of `a` may share memory: with the dims sorted by |stride|, each stride must step
     over the whole extent of the smaller ones (true of every slice or transpose of a real array)."""
     if a.size <= 1:
@@ -94,61 +107,78 @@ def _self_overlapping(a: np.ndarray) -> bool:
     return False
 
 
-def _result_buffer(out: Optional[np.ndarray], shape, dtype, inputs=(), in_place_ok=()) -> np.ndarray:
+def _in_place(bk, a, name: str) -> None:
+    """An array the op updates in place: C-contiguous, aligned and writable (a copy would be lost)."""
+    if not (a.flags.c_contiguous and bk.aligned(a)):
+        raise ValueError(f"{name}: must be C-contiguous and aligned (it is updated in place; a copy would be "
+                         "silently lost)")
+    if not bk.writable(a):
+        raise ValueError(f"{name}: the array is read-only (it is updated in place)")
+
+
+def _distinct(bk, named) -> None:
+    """The arrays of `named` [(name, array)] share no memory (each is updated in place once)."""
+    for i in range(len(named)):
+        for j in range(i + 1, len(named)):
+            if named[i][1].size and bk.xp.may_share_memory(named[i][1], named[j][1]):
+                raise ValueError(f"{named[j][0]}: shares memory with {named[i][0]}; the state arrays must be "
+                                 "distinct")
+
+
+# ---- layouts ---------------------------------------------------------------------------------------
+
+def _same_view(bk, a, b) -> bool:
+    return bk.address(a) == bk.address(b) and a.shape == b.shape and a.strides == b.strides
+
+
+def _result_buffer(bk, out, shape, dtype, inputs=(), in_place_ok=()):
     """The C-contiguous array the kernel writes: `out` itself when it is C-contiguous and does not overlap
     an input (or is exactly one of `in_place_ok`, for element-wise ops), else a fresh array (copied into
     `out` afterwards by _commit)."""
     if out is None:
-        return np.empty(shape, dtype)
-    if out.flags.c_contiguous and out.flags.aligned:
+        return bk.xp.empty(shape, dtype)
+    if out.flags.c_contiguous and bk.aligned(out):
         for x in inputs:
-            if np.may_share_memory(out, x) and not any(_same_view(out, y) for y in in_place_ok if y is x):
+            if bk.xp.may_share_memory(out, x) and not any(_same_view(bk, out, y) for y in in_place_ok if y is x):
                 break
         else:
             return out
-    return np.empty(shape, dtype)
+    return bk.xp.empty(shape, dtype)
 
 
-def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.shape == b.shape and a.strides == b.strides)
-
-
-def _commit(out: Optional[np.ndarray], buf: np.ndarray) -> np.ndarray:
+def _commit(bk, out, buf):
     if out is None:
         return buf
     if buf is not out:
-        np.copyto(out, buf)
+        bk.xp.copyto(out, buf)
     return out
 
 
-def _elementwise_layout(*arrays: np.ndarray):
+def _elementwise_layout(bk, *arrays):
     """C-contiguous views of same-layout operands without copying when all are C- or all F-contiguous;
     returns (views, transposed)."""
-    if all(a.flags.c_contiguous and a.flags.aligned for a in arrays):
+    if all(a.flags.c_contiguous and bk.aligned(a) for a in arrays):
         return arrays, False
-    if all(a.flags.f_contiguous and a.flags.aligned for a in arrays):
+    if all(a.flags.f_contiguous and bk.aligned(a) for a in arrays):
         return tuple(a.T for a in arrays), True
-    return tuple(_contiguous(a) for a in arrays), False
+    return tuple(contiguous(bk, a) for a in arrays), False
 
 
-def _contiguous(a: np.ndarray) -> np.ndarray:
-    """a as a C-contiguous array aligned for its dtype: a itself when it is, else a copy. (A view at an odd
-    byte offset is C-contiguous to NumPy, and np.ascontiguousarray keeps it, but the kernels need aligned
-    elements: misaligned loads are undefined behaviour in C++, and vectorized loops assume alignment.)"""
-    return a if a.flags.c_contiguous and a.flags.aligned else np.array(a, order="C")
-
-
-def _elem_strides(a: np.ndarray) -> Tuple[np.ndarray, Tuple[int, ...]]:
+def _elem_strides(bk, a):
     """(a, element strides); copies `a` in the rare case a stride is not a multiple of the item size."""
-    if any(s % a.itemsize for s in a.strides) or not a.flags.aligned:
+    if any(s % a.itemsize for s in a.strides) or not bk.aligned(a):
         a = a.copy()
     return a, tuple(s // a.itemsize for s in a.strides)
 
 
-def _batch_offsets(a: np.ndarray, estrides, core: int, batch_shape, map_axis=None) -> np.ndarray:
-    """Element offsets of each matrix of `a` (its last `core` dims) over the broadcast `batch_shape`.
-    `map_axis=(axis, group)` makes batch index h along `axis` read a's index h // group (GQA)."""
+def _rows_last(bk, x, axis: int):
+    """x with `axis` moved last, C-contiguous (a view when it already is)."""
+    return contiguous(bk, bk.xp.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x)
+
+
+def _batch_offsets(a, estrides, core: int, batch_shape, map_axis=None) -> np.ndarray:
+    """Element offsets (host int64) of each matrix of `a` (its last `core` dims) over the broadcast
+    `batch_shape`. `map_axis=(axis, group)` makes batch index h along `axis` read a's index h // group (GQA)."""
     nb = a.ndim - core
     if nb == 0 and not batch_shape:
         return _ZERO_OFFSETS
@@ -173,34 +203,42 @@ def _broadcast_batch(shapes, names) -> Tuple[int, ...]:
 
 # ---- matmul and linear ----------------------------------------------------------------------------
 
-def _gemm(a: np.ndarray, b: np.ndarray, buf: np.ndarray, batch_shape, bias=None, relu=False) -> None:
+def _gemm(bk, a, b, buf, batch_shape, bias=None, relu=False) -> None:
     """buf[batch] = a[batch] @ b[batch] (+ bias, relu) with a (..., M, K), b (..., K, N) of any strides."""
-    a, ea = _elem_strides(a)
-    b, eb = _elem_strides(b)
+    a, ea = _elem_strides(bk, a)
+    b, eb = _elem_strides(bk, b)
     M, K = a.shape[-2:]
     N = b.shape[-1]
-    a_off = _batch_offsets(a, ea, 2, batch_shape)
-    b_off = _batch_offsets(b, eb, 2, batch_shape)
-    _C.gemm(a, b, buf, a_off, b_off, M, N, K, ea[-2], ea[-1], eb[-2], eb[-1], bias, relu, False)
+    a_off = bk.offsets(_batch_offsets(a, ea, 2, batch_shape))
+    b_off = bk.offsets(_batch_offsets(b, eb, 2, batch_shape))
+    bk.gemm(a, b, buf, a_off, b_off, M, N, K, ea, eb, bias, relu)
 
 
 def matmul(a, b, *, out=None):
     """Matrix product with numpy.matmul's semantics.
 
-    a: (..., M, K) or (K,); b: (..., K, N) or (K,); float32 or float64, one dtype. 1-D operands are
-    promoted to matrices and the added dimension removed from the result; batch dimensions broadcast.
-    Any strides (transposed, negative, Fortran-ordered views) are read directly, without copies.
+    a: (..., M, K) or (K,); b: (..., K, N) or (K,); float32 or float64 (float16 too on the GPU), one dtype.
+    1-D operands are promoted to matrices and the added dimension removed from the result; batch dimensions
+    broadcast. Any strides (transposed, negative, Fortran-ordered views) are read directly, without copies.
     out: optional array of the result's shape and dtype, written in place and returned.
     Returns an array of shape broadcast(a.shape[:-2], b.shape[:-2]) + (M, N) (minus promoted dims).
     Raises TypeError for non-arrays and non-float or mixed dtypes; ValueError for 0-d operands,
     mismatched inner dimensions or batch shapes that do not broadcast.
     """
-    if type(a) is np.ndarray and type(b) is np.ndarray:
+    if type(a) is _ndarray and type(b) is _ndarray:
         c = _C.matmul2d(a, b, out)  # the common 2-D case with the least per-call overhead; None if not it
         if c is not None:
             return c
-    a = _array(a, "a")
-    b = _array(b, "b")
+    bk, (a, b, out) = adopt("matmul", {"a": a, "b": b, "out": out}, ("out",))
+    if bk.fast and (c := _C.matmul2d(a, b, out)) is not None:
+        return bk.wrap(c)
+    with bk.scope():
+        return bk.wrap(_matmul(bk, a, b, out))
+
+
+def _matmul(bk, a, b, out=None):
+    _floats(bk, a, "a")
+    _floats(bk, b, "b")
     _same_dtype(a, "a", b, "b")
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: 0-d operands are not allowed (a.ndim={a.ndim}, b.ndim={b.ndim}); "
@@ -214,15 +252,14 @@ def matmul(a, b, *, out=None):
     M, N = a2.shape[-2], b2.shape[-1]
     shape = batch + ((M,) if a.ndim > 1 else ()) + ((N,) if b.ndim > 1 else ())
     if out is not None:
-        _check_out(out, shape, a.dtype)
-    buf = _result_buffer(out, shape, a.dtype, (a, b))
-    _gemm(a2, b2, buf.reshape(batch + (M, N)), batch)
-    return _commit(out, buf)
+        _check_out(bk, out, shape, a.dtype)
+    buf = _result_buffer(bk, out, shape, a.dtype, (a, b))
+    _gemm(bk, a2, b2, buf.reshape(batch + (M, N)), batch)
+    return _commit(bk, out, buf)
 
 
-def linear_shapes(x, weight) -> Tuple[int, int]:
-    """(in, out) of x (..., in) @ weight (in, out), or a ValueError naming the argument whose shape is wrong;
-    shared by linear and linear_backward, on the CPU and the GPU."""
+def _linear_shapes(x, weight) -> Tuple[int, int]:
+    """(in, out) of x (..., in) @ weight (in, out), or a ValueError naming the argument whose shape is wrong."""
     if weight.ndim != 2:
         raise ValueError(f"weight: expected 2 dimensions (in, out), got shape {weight.shape}")
     if x.ndim == 0:
@@ -241,22 +278,68 @@ def linear(x, weight, bias=None, *, activation=None):
     Returns (..., out) in x's dtype. Raises TypeError for bad types/dtypes, ValueError for bad shapes
     or an unknown activation.
     """
-    x = _array(x, "x")
-    weight = _array(weight, "weight")
+    if type(x) is _ndarray and type(weight) is _ndarray:
+        y = _C.linear_fast(x, weight, bias, activation)
+        if y is not None:
+            return y
+    bk, (x, weight, bias) = adopt("linear", {"x": x, "weight": weight, "bias": bias})
+    if bk.fast and (y := _C.linear_fast(x, weight, bias, activation)) is not None:
+        return bk.wrap(y)
+    _floats(bk, x, "x")
+    _floats(bk, weight, "weight")
     _same_dtype(x, "x", weight, "weight")
     if activation not in (None, "relu"):
         raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-    n_in, n_out = linear_shapes(x, weight)
+    n_in, n_out = _linear_shapes(x, weight)
     if bias is not None:
-        bias = _array(bias, "bias")
+        _floats(bk, bias, "bias")
         _same_dtype(x, "x", bias, "bias")
         if bias.shape != (n_out,):
             raise ValueError(f"bias: expected shape ({n_out},), got {bias.shape}")
-        bias = _contiguous(bias)
-    x2 = x.reshape(math.prod(x.shape[:-1]), n_in)
-    y = np.empty((x2.shape[0], n_out), x.dtype)
-    _gemm(x2, weight, y, (), bias, activation == "relu")
-    return y.reshape(x.shape[:-1] + (n_out,))
+    with bk.scope():
+        bias = None if bias is None else contiguous(bk, bias)
+        x2 = x.reshape(math.prod(x.shape[:-1]), n_in)
+        y = bk.xp.empty((x2.shape[0], n_out), x.dtype)
+        _gemm(bk, x2, weight, y, (), bias, activation == "relu")
+        return bk.wrap(y.reshape(x.shape[:-1] + (n_out,)))
+
+
+def linear_backward(grad_output, x, weight, *, bias=True, x_grad=True):
+    """Gradients of y = x @ weight + bias with respect to x, weight and bias.
+
+    grad_output: (..., out), the gradient of the loss with respect to y; x: (..., in); weight: (in, out);
+    one float dtype. bias: whether the forward had a bias (then its gradient is returned, else None).
+    x_grad: whether to compute grad_x; pass False for a first layer, whose input needs no gradient (it
+    saves one of the two products), and None is returned in its place.
+    For `linear(..., activation="relu")` pass `relu_backward(grad, y)` as grad_output.
+    Returns (grad_x (..., in) or None, grad_weight (in, out), grad_bias (out,) or None), new arrays in
+    x's dtype: grad_x = grad_output @ weight.T, grad_weight = x2.T @ g2 and grad_bias = g2.sum(0), with
+    x2, g2 the 2-D (rows, features) views (float16 sums in float32). Both products run on the matmul kernel
+    reading the transposes in place (no copies).
+    Raises TypeError for non-arrays and non-float or mixed dtypes, ValueError for mismatched shapes.
+    """
+    bk, (g, x, weight) = adopt("linear_backward", {"grad_output": grad_output, "x": x, "weight": weight})
+    _floats(bk, g, "grad_output")
+    _floats(bk, x, "x")
+    _floats(bk, weight, "weight")
+    _same_dtype(x, "x", weight, "weight")
+    _same_dtype(x, "x", g, "grad_output")
+    bias = _flag(bias, "bias")
+    x_grad = _flag(x_grad, "x_grad")
+    n_in, n_out = _linear_shapes(x, weight)
+    want = x.shape[:-1] + (n_out,)
+    if g.shape != want:
+        raise ValueError(f"grad_output: expected shape {want} (x's leading dimensions + weight's out), "
+                         f"got {g.shape}")
+    rows = math.prod(x.shape[:-1])
+    with bk.scope():
+        x2 = x.reshape(rows, n_in)
+        g2 = g.reshape(rows, n_out)
+        grad_x = matmul(g2, weight.T).reshape(x.shape) if x_grad else None  # (rows, out) @ (out, in)
+        grad_w = matmul(x2.T, g2)  # (in, rows) @ (rows, out); rows == 0 gives zeros
+        acc = np.float32 if x.dtype == np.float16 else x.dtype
+        grad_b = g2.sum(axis=0, dtype=acc).astype(x.dtype, copy=False) if bias else None
+        return bk.wrap((grad_x, grad_w, grad_b))
 
 
 # ---- relu -----------------------------------------------------------------------------------------
@@ -264,23 +347,31 @@ def linear(x, weight, bias=None, *, activation=None):
 def relu(x, *, out=None):
     """max(x, 0) element-wise; NaN stays NaN (as np.maximum).
 
-    x: any shape, float32 or float64. out: optional array of x's shape and dtype; may be x itself
-    (in place). Returns the result (out when given).
+    x: any shape, float32 or float64 (float16 too on the GPU). out: optional array of x's shape and dtype;
+    may be x itself (in place). Returns the result (out when given).
     """
-    x = _array(x, "x")
+    if type(x) is _ndarray:
+        y = _C.relu_fast(x, out)
+        if y is not None:
+            return y
+    bk, (x, out) = adopt("relu", {"x": x, "out": out}, ("out",))
+    if bk.fast and (y := _C.relu_fast(x, out)) is not None:
+        return bk.wrap(y)
+    _floats(bk, x, "x")
     if out is not None:
-        _check_out(out, x.shape, x.dtype)
-        if out.flags.c_contiguous and out.flags.aligned and _same_view(out, x):
-            _C.relu(x, x)
-            return out
-    (xv,), transposed = _elementwise_layout(x)
-    if out is None:
-        y = np.empty(xv.shape, x.dtype)
-        _C.relu(xv, y)
-        return y.T if transposed else y
-    buf = _result_buffer(out, x.shape, x.dtype, (x,))
-    _C.relu(_contiguous(x), buf)
-    return _commit(out, buf)
+        _check_out(bk, out, x.shape, x.dtype)
+    with bk.scope():
+        if out is not None and out.flags.c_contiguous and bk.aligned(out) and _same_view(bk, out, x):
+            bk.relu(x, x)
+            return bk.wrap(out)
+        if out is None:
+            (xv,), transposed = _elementwise_layout(bk, x)
+            y = bk.xp.empty(xv.shape, x.dtype)
+            bk.relu(xv, y)
+            return bk.wrap(y.T if transposed else y)
+        buf = _result_buffer(bk, out, x.shape, x.dtype, (x,))
+        bk.relu(contiguous(bk, x), buf)
+        return bk.wrap(_commit(bk, out, buf))
 
 
 def relu_backward(grad_output, x, *, out=None):
@@ -288,79 +379,96 @@ def relu_backward(grad_output, x, *, out=None):
 
     grad_output and x: same shape and dtype. out: optional array of that shape and dtype.
     """
-    g = _array(grad_output, "grad_output")
-    x = _array(x, "x")
+    if type(x) is _ndarray and type(grad_output) is _ndarray:
+        y = _C.relu_backward_fast(grad_output, x, out)
+        if y is not None:
+            return y
+    bk, (g, x, out) = adopt("relu_backward", {"grad_output": grad_output, "x": x, "out": out}, ("out",))
+    if bk.fast and (y := _C.relu_backward_fast(g, x, out)) is not None:
+        return bk.wrap(y)
+    _floats(bk, g, "grad_output")
+    _floats(bk, x, "x")
     _same_dtype(x, "x", g, "grad_output")
     if g.shape != x.shape:
         raise ValueError(f"grad_output: shape {g.shape} does not match x's shape {x.shape}")
     if out is not None:
-        _check_out(out, x.shape, x.dtype)
-    if out is None:
-        (gv, xv), transposed = _elementwise_layout(g, x)
-        y = np.empty(xv.shape, x.dtype)
-        _C.relu_backward(gv, xv, y)
-        return y.T if transposed else y
-    in_place = (g,) if _same_view(out, g) else ((x,) if _same_view(out, x) else ())
-    buf = _result_buffer(out, x.shape, x.dtype, (g, x), in_place)
-    _C.relu_backward(_contiguous(g), _contiguous(x), buf)
-    return _commit(out, buf)
+        _check_out(bk, out, x.shape, x.dtype)
+    with bk.scope():
+        if out is None:
+            (gv, xv), transposed = _elementwise_layout(bk, g, x)
+            y = bk.xp.empty(xv.shape, x.dtype)
+            bk.relu_backward(gv, xv, y)
+            return bk.wrap(y.T if transposed else y)
+        in_place = (g,) if _same_view(bk, out, g) else ((x,) if _same_view(bk, out, x) else ())
+        buf = _result_buffer(bk, out, x.shape, x.dtype, (g, x), in_place)
+        bk.relu_backward(contiguous(bk, g), contiguous(bk, x), buf)
+        return bk.wrap(_commit(bk, out, buf))
 
 
 # ---- softmax family -------------------------------------------------------------------------------
 
-def _rows_last(x: np.ndarray, axis: int) -> np.ndarray:
-    """x with `axis` moved last, C-contiguous (a view when it already is)."""
-    return _contiguous(np.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x)
-
-
 def _softmax(x, axis, out, log: bool, name: str):
-    x = _array(x, "x")
+    bk, (x, out) = adopt(name, {"x": x, "out": out}, ("out",))
+    if bk.fast and (y := _C.softmax_fast(x, axis, out, log)) is not None:
+        return bk.wrap(y)
+    _floats(bk, x, "x")
     if x.ndim == 0:
         raise ValueError(f"{name}: x must have at least 1 dimension, got a 0-d array")
     axis = _axis(axis, x.ndim)
     if out is not None:
-        _check_out(out, x.shape, x.dtype)
-    if x.size == 0:
-        return out if out is not None else np.empty(x.shape, x.dtype)
-    xr = _rows_last(x, axis)
-    if axis == x.ndim - 1:
-        buf = _result_buffer(out, x.shape, x.dtype, (x,), (x,))
-    else:
-        buf = np.empty(xr.shape, x.dtype)
-    _C.softmax(xr, buf, xr.shape[-1], log)
-    res = np.moveaxis(buf, -1, axis) if axis != x.ndim - 1 else buf
-    return _commit(out, res) if out is not None else res
+        _check_out(bk, out, x.shape, x.dtype)
+    with bk.scope():
+        if x.size == 0:
+            return bk.wrap(out if out is not None else bk.xp.empty(x.shape, x.dtype))
+        xr = _rows_last(bk, x, axis)
+        if axis == x.ndim - 1:
+            buf = _result_buffer(bk, out, x.shape, x.dtype, (x,), (x,))
+        else:
+            buf = bk.xp.empty(xr.shape, x.dtype)
+        bk.softmax(xr, buf, log)
+        res = bk.xp.moveaxis(buf, -1, axis) if axis != x.ndim - 1 else buf
+        return bk.wrap(_commit(bk, out, res))
 
 
 def softmax(x, axis=-1, *, out=None):
     """exp(x) / sum(exp(x)) along `axis`, computed safely for large magnitudes (max subtracted).
 
-    x: float32/float64, at least 1-D; axis: int (default -1); out: optional array like x (may be x).
-    A row containing +inf or NaN gives NaN, as the NumPy formula does.
+    x: float32/float64 (float16 too on the GPU), at least 1-D; axis: int (default -1); out: optional array
+    like x (may be x). A row containing +inf or NaN gives NaN, as the NumPy formula does.
     """
+    if type(x) is _ndarray:
+        y = _C.softmax_fast(x, axis, out, False)
+        if y is not None:
+            return y
     return _softmax(x, axis, out, False, "softmax")
 
 
 def log_softmax(x, axis=-1, *, out=None):
     """x - max - log(sum(exp(x - max))) along `axis`. Same arguments as softmax."""
+    if type(x) is _ndarray:
+        y = _C.softmax_fast(x, axis, out, True)
+        if y is not None:
+            return y
     return _softmax(x, axis, out, True, "log_softmax")
 
 
 def _softmax_backward(grad_output, output, axis, log: bool, name: str):
-    g = _array(grad_output, "grad_output")
-    y = _array(output, "output")
+    bk, (g, y) = adopt(name, {"grad_output": grad_output, "output": output})
+    _floats(bk, g, "grad_output")
+    _floats(bk, y, "output")
     _same_dtype(y, "output", g, "grad_output")
     if g.shape != y.shape:
         raise ValueError(f"grad_output: shape {g.shape} does not match output's shape {y.shape}")
     if y.ndim == 0:
         raise ValueError(f"{name}: output must have at least 1 dimension, got a 0-d array")
     axis = _axis(axis, y.ndim)
-    if y.size == 0:
-        return np.empty(y.shape, y.dtype)
-    gr, yr = _rows_last(g, axis), _rows_last(y, axis)
-    buf = np.empty(yr.shape, y.dtype)
-    _C.softmax_backward(gr, yr, buf, yr.shape[-1], log)
-    return np.moveaxis(buf, -1, axis) if axis != y.ndim - 1 else buf
+    with bk.scope():
+        if y.size == 0:
+            return bk.wrap(bk.xp.empty(y.shape, y.dtype))
+        gr, yr = _rows_last(bk, g, axis), _rows_last(bk, y, axis)
+        buf = bk.xp.empty(yr.shape, y.dtype)
+        bk.softmax_backward(gr, yr, buf, log)
+        return bk.wrap(bk.xp.moveaxis(buf, -1, axis) if axis != y.ndim - 1 else buf)
 
 
 def softmax_backward(grad_output, output, axis=-1):
@@ -382,49 +490,56 @@ def log_softmax_backward(grad_output, output, axis=-1):
 def cross_entropy(logits, labels):
     """Mean negative log-likelihood and its gradient, in one fused pass.
 
-    logits: (N, C) float32/float64; labels: (N,) int32 or int64 with values in [0, C).
-    Returns (loss, grad): loss a Python float (mean over the N rows; NaN when N == 0), grad (N, C)
-    = (softmax(logits) - onehot(labels)) / N. A label outside [0, C) is a ValueError.
+    logits: (N, C) float32/float64 (float16 too on the GPU); labels: (N,) int32 or int64 with values in
+    [0, C). Returns (loss, grad): loss a Python float (mean over the N rows; NaN when N == 0), grad (N, C)
+    = (softmax(logits) - onehot(labels)) / N. A label outside [0, C) is a ValueError. (Checking the labels
+    synchronizes on the GPU.)
     """
-    logits = _array(logits, "logits")
-    if not isinstance(labels, np.ndarray):
-        raise TypeError(f"labels: expected a numpy.ndarray of int32/int64, got {type(labels).__name__}")
-    if labels.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+    if type(logits) is _ndarray:
+        r = _C.cross_entropy_fast(logits, labels)
+        if r is not None:
+            return r
+    bk, (logits, labels) = adopt("cross_entropy", {"logits": logits, "labels": labels})
+    if bk.fast and (r := _C.cross_entropy_fast(logits, labels)) is not None:
+        return bk.wrap(r)
+    _floats(bk, logits, "logits")
+    if labels.dtype not in _INTS:
         raise TypeError(f"labels: expected dtype int32 or int64, got {labels.dtype}")
     if logits.ndim != 2:
         raise ValueError(f"logits: expected 2 dimensions (N, C), got shape {logits.shape}")
     n, c = logits.shape
     if labels.shape != (n,):
         raise ValueError(f"labels: expected shape ({n},) to match logits {logits.shape}, got {labels.shape}")
-    grad = np.empty((n, c), logits.dtype)
-    if n == 0:
-        return float("nan"), grad
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= c:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"labels: value {bad} is out of range; expected 0 <= label < {c}")
-    lab = _contiguous(labels.astype(np.int64, copy=False))
-    total = _C.cross_entropy(_contiguous(logits), lab, grad, c, 1.0 / n)
-    return total / n, grad
+    with bk.scope():
+        grad = bk.xp.empty((n, c), logits.dtype)
+        if n == 0:
+            return float("nan"), bk.wrap(grad)
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= c:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels: value {bad} is out of range; expected 0 <= label < {c}")
+        lab = contiguous(bk, labels.astype(np.int64, copy=False))
+        total = bk.cross_entropy(contiguous(bk, logits), lab, grad)
+        return total / n, bk.wrap(grad)
 
 
 # ---- attention ------------------------------------------------------------------------------------
 
-def _rows_contiguous(a: np.ndarray) -> np.ndarray:
+def _rows_unit(bk, a):
     """a with unit stride in its last dim and non-negative strides elsewhere (copied only if needed)."""
     if (a.strides[-1] != a.itemsize or any(s < 0 for s in a.strides) or any(s % a.itemsize for s in a.strides)
-            or not a.flags.aligned):
-        return np.array(a, order="C")
+            or not bk.aligned(a)):
+        return bk.xp.array(a, order="C")
     return a
 
 
 class _Attention:
     """Validated, prepared attention operands shared by the forward and backward entry points."""
 
-    def __init__(self, query, key, value, attn_mask, is_causal, scale, enable_gqa):
-        q = _array(query, "query")
-        k = _array(key, "key")
-        v = _array(value, "value")
+    def __init__(self, bk, q, k, v, attn_mask, is_causal, scale, enable_gqa):
+        _floats(bk, q, "query")
+        _floats(bk, k, "key")
+        _floats(bk, v, "value")
         _same_dtype(q, "query", k, "key")
         _same_dtype(q, "query", v, "value")
         for a, n in ((q, "query"), (k, "key"), (v, "value")):
@@ -465,54 +580,62 @@ class _Attention:
                 and 1 not in (q.shape[-3], k.shape[-3])):
             raise ValueError(f"query has {q.shape[-3]} heads and key has {k.shape[-3]}: pass enable_gqa=True "
                              "for grouped-query attention")
-        self.dtype, self.batch, self.L, self.S, self.E, self.Ev = q.dtype, batch, L, S, E, Ev
+        if attn_mask is not None:
+            if attn_mask.dtype != np.bool_ and attn_mask.dtype != q.dtype:
+                raise TypeError(f"attn_mask: expected dtype bool or {q.dtype} (the query's), got {attn_mask.dtype}")
+            try:
+                np.broadcast_shapes(attn_mask.shape, batch + (L, S))
+            except ValueError:
+                raise ValueError(f"attn_mask: shape {attn_mask.shape} does not broadcast to {batch + (L, S)}") from None
+        self.bk, self.dtype, self.batch, self.L, self.S, self.E, self.Ev = bk, q.dtype, batch, L, S, E, Ev
         self.nbatch = math.prod(batch)
         self.causal, self.scale, self.group = is_causal, scale, group
         self.q_shape, self.k_shape, self.v_shape = q.shape, k.shape, v.shape
+        self.attn_mask = attn_mask
 
-        # Kernel layouts: unit stride in the last dim, non-negative strides (copied only if needed).
-        q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    def plan(self):
+        """Kernel layouts: unit stride in the last dim, non-negative strides (copied only if needed), and
+        each operand's element offsets over the broadcast batch (allocates: call inside bk.scope())."""
+        bk, q, k, v = self.bk, *self.operands
+        q, k, v = _rows_unit(bk, q), _rows_unit(bk, k), _rows_unit(bk, v)
         self.q, self.k, self.v = q, k, v
         eq, ek, ev = (tuple(s // a.itemsize for s in a.strides) for a in (q, k, v))
         self.rows = (eq[-2], ek[-2], ev[-2])
         self.q_off = self._offsets(q, eq, None)
-        self.k_off = self._offsets(k, ek, group)
-        self.v_off = self._offsets(v, ev, group)
-
-        self.mask, self.m_off, self.m_rs, self.m_cs = None, _ZERO_OFFSETS, 0, 0
-        if attn_mask is not None:
-            if not isinstance(attn_mask, np.ndarray):
-                raise TypeError(f"attn_mask: expected a numpy.ndarray, got {type(attn_mask).__name__}")
-            if attn_mask.dtype != np.bool_ and attn_mask.dtype != q.dtype:
-                raise TypeError(f"attn_mask: expected dtype bool or {q.dtype} (the query's), got {attn_mask.dtype}")
-            try:
-                mfull = np.broadcast_to(attn_mask, batch + (L, S))
-            except ValueError:
-                raise ValueError(f"attn_mask: shape {attn_mask.shape} does not broadcast to {batch + (L, S)}") from None
-            mfull, em = _elem_strides(mfull)
+        self.k_off = self._offsets(k, ek, self.group)
+        self.v_off = self._offsets(v, ev, self.group)
+        self.mask, self.m_off, self.m_rs, self.m_cs = None, bk.offsets(_ZERO_OFFSETS), 0, 0
+        if self.attn_mask is not None:
+            mfull, em = _elem_strides(bk, bk.xp.broadcast_to(self.attn_mask, self.batch + (self.L, self.S)))
             if any(s < 0 for s in em):
-                mfull = np.ascontiguousarray(mfull)
-                _, em = _elem_strides(mfull)
+                mfull, em = _elem_strides(bk, bk.xp.ascontiguousarray(mfull))
             self.mask, self.m_rs, self.m_cs = mfull, em[-2], em[-1]
             self.m_off = self._offsets(mfull, em, None)
+        return self
 
     def _offsets(self, a, estrides, group):
         nb = a.ndim - 2
         offs = _batch_offsets(a, estrides, 2, self.batch, (nb - 1, group) if group else None)
         if offs.size != self.nbatch:
             offs = np.ascontiguousarray(np.broadcast_to(offs, (self.nbatch,)), dtype=np.int64)
-        return offs
+        return self.bk.offsets(offs)
 
     def empty(self):
         return self.nbatch == 0 or self.L == 0
 
-    def kernel_args(self):
-        return (self.q, self.k, self.v)
-
     def reduce_to(self, grad, shape, grouped):
         """Sums a per-head gradient (batch + core) down to an operand's shape: over the query heads of a
         GQA group (`grouped`: key and value) and over broadcast batch dimensions."""
-        return np.ascontiguousarray(reduce_grad(grad, shape, len(self.batch), self.group if grouped else None))
+        g = reduce_grad(grad, shape, len(self.batch), self.group if grouped else None)
+        return self.bk.xp.ascontiguousarray(g.astype(self.dtype, copy=False))
+
+
+def _attention(op, arrays, attn_mask, is_causal, scale, enable_gqa, *extra):
+    bk, (q, k, v, mask, *rest) = adopt(op, {"query": arrays[0], "key": arrays[1], "value": arrays[2],
+                                            "attn_mask": attn_mask, **dict(extra)})
+    at = _Attention(bk, q, k, v, mask, is_causal, scale, enable_gqa)
+    at.operands = (q, k, v)
+    return bk, at, rest
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -520,7 +643,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """softmax(query @ key^T * scale + mask) @ value, with PyTorch's semantics, flash-style.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev); leading dimensions
-    broadcast as in matmul (2-D inputs allowed). float32/float64, one dtype.
+    broadcast as in matmul (2-D inputs allowed). float32/float64 (float16 too on the GPU), one dtype.
     attn_mask: bool (True = may attend) or a float array of the same dtype added to the scores,
     broadcastable to (..., L, S). is_causal: query i may attend key j iff j <= i, i.e.
     tril(ones(L, S)) aligned at the top-left (flash-attn aligns bottom-right when L != S).
@@ -535,16 +658,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p: dropout is not implemented; expected 0.0, got {dropout_p}")
     return_lse = _flag(return_lse, "return_lse")
-    at = _Attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
-    out = np.empty(at.batch + (at.L, at.Ev), at.dtype)
-    lse = np.empty(at.batch + (at.L,), at.dtype) if return_lse else None
-    if not at.empty() and (out.size or lse is not None):  # Ev == 0 still has an lse
-        _C.sdpa(*at.kernel_args(), out.reshape(at.nbatch, at.L, at.Ev), at.q_off, at.k_off, at.v_off,
-                at.L, at.S, at.E, at.Ev, *at.rows, at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
-                None if lse is None else lse.reshape(at.nbatch, at.L))
-    elif lse is not None:
-        lse.fill(-np.inf)
-    return (out, lse) if return_lse else out
+    bk, at, _ = _attention("scaled_dot_product_attention", (query, key, value), attn_mask, is_causal, scale,
+                           enable_gqa)
+    with bk.scope():
+        out = bk.xp.empty(at.batch + (at.L, at.Ev), at.dtype)
+        lse = bk.xp.empty(at.batch + (at.L,), bk.lse_dtype(at.dtype)) if return_lse else None
+        if not at.empty() and (out.size or lse is not None):  # Ev == 0 still has an lse
+            bk.sdpa(at.plan(), out.reshape(at.nbatch, at.L, at.Ev),
+                    None if lse is None else lse.reshape(at.nbatch, at.L))
+        elif lse is not None:
+            lse.fill(-np.inf)
+        return bk.wrap((out, lse) if return_lse else out)
 
 
 def scaled_dot_product_attention_backward(grad_output, query, key, value, output, lse, attn_mask=None,
@@ -555,55 +679,71 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
     with return_lse=True; the other arguments as given to the forward. Returns
     (grad_query, grad_key, grad_value) shaped like query, key and value (summed over the query heads
     that share a key/value head with enable_gqa, and over broadcast batch dimensions).
-    Memory beyond the gradients is O(block) per thread; threads take whole (batch, head) pairs.
+    Memory beyond the gradients is O(block) per thread; threads take whole (batch, head) pairs. (On the
+    GPU it is composed of the CUDA matmul and element-wise operations: fastnn/_attention_grad.py.)
     """
-    at = _Attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    bk, at, (g, o, lse) = _attention("scaled_dot_product_attention_backward", (query, key, value), attn_mask,
+                                     is_causal, scale, enable_gqa,
+                                     ("grad_output", grad_output), ("output", output), ("lse", lse))
     oshape = at.batch + (at.L, at.Ev)
-    g = _array(grad_output, "grad_output")
-    o = _array(output, "output")
-    lse = _array(lse, "lse")
     for x, n in ((g, "grad_output"), (o, "output"), (lse, "lse")):
-        _same_dtype(at.q, "query", x, n)
+        _floats(bk, x, n)
+    for x, n in ((g, "grad_output"), (o, "output")):
+        _same_dtype(at.operands[0], "query", x, n)
+    if lse.dtype != bk.lse_dtype(at.dtype):
+        raise TypeError(f"lse: expected a {bk.lse_dtype(at.dtype)} array (the forward's lse for {at.dtype} "
+                        f"inputs), got dtype {lse.dtype}")
     if g.shape != oshape:
         raise ValueError(f"grad_output: expected shape {oshape} (the forward's output), got {g.shape}")
     if o.shape != oshape:
         raise ValueError(f"output: expected shape {oshape} (the forward's output), got {o.shape}")
     if lse.shape != at.batch + (at.L,):
         raise ValueError(f"lse: expected shape {at.batch + (at.L,)}, got {lse.shape}")
-    dq = np.zeros(at.batch + (at.L, at.E), at.dtype)
-    dk = np.zeros(at.batch + (at.S, at.E), at.dtype)
-    dv = np.zeros(at.batch + (at.S, at.Ev), at.dtype)
-    if not at.empty() and at.S:
-        nb = at.nbatch
-        _C.sdpa_backward(*at.kernel_args(), at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
-                         at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
-                         _contiguous(g).reshape(nb, at.L, at.Ev),
-                         _contiguous(o).reshape(nb, at.L, at.Ev),
-                         _contiguous(lse).reshape(nb, at.L),
-                         dq.reshape(nb, at.L, at.E), dk.reshape(nb, at.S, at.E), dv.reshape(nb, at.S, at.Ev))
-    return (at.reduce_to(dq, at.q_shape, False), at.reduce_to(dk, at.k_shape, True),
-            at.reduce_to(dv, at.v_shape, True))
+    with bk.scope():
+        dq, dk, dv = bk.sdpa_backward(at.plan(), g, o, lse, matmul)
+        return bk.wrap((at.reduce_to(dq, at.q_shape, False), at.reduce_to(dk, at.k_shape, True),
+                        at.reduce_to(dv, at.v_shape, True)))
 
 
 # ---- Adam -----------------------------------------------------------------------------------------
 
-def _state(x, name: str, ref: np.ndarray) -> np.ndarray:
-    x = _array(x, name)
-    _same_dtype(ref, "param", x, name)
-    if x.shape != ref.shape:
-        raise ValueError(f"{name}: shape {x.shape} does not match param's shape {ref.shape}")
-    if not (x.flags.c_contiguous and x.flags.aligned):
-        raise ValueError(f"{name}: must be C-contiguous and aligned (it is updated in place; a copy would be "
-                         "silently lost)")
-    if not x.flags.writeable:
-        raise ValueError(f"{name}: the array is read-only (it is updated in place)")
-    return x
-
-
 def adam_scalars(lr: float, beta1: float, beta2: float, step: int) -> Tuple[float, float]:
     """(step_size, sqrt of the second bias correction) of one Adam step, host-side Python floats computed
-    exactly as torch computes them; shared by every Adam entry point, CPU and GPU."""
+    exactly as torch computes them; shared by every Adam entry point."""
     return lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
+
+
+def adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize,
+               names=("lr", "beta1", "beta2", "eps", "weight_decay")) -> dict:
+    """Adam's hyper-parameters, checked (`names`: how the caller calls them, e.g. betas[0]); a dict of
+    adam_update's keyword arguments."""
+    n_lr, n_b1, n_b2, n_eps, n_wd = names
+    h = dict(lr=_real(lr, n_lr), beta1=_real(beta1, n_b1), beta2=_real(beta2, n_b2), eps=_real(eps, n_eps),
+             weight_decay=_real(weight_decay, n_wd),
+             decoupled_weight_decay=_flag(decoupled_weight_decay, "decoupled_weight_decay"),
+             maximize=_flag(maximize, "maximize"))
+    # Finite: an infinite lr, eps or weight decay only turns parameters into inf/NaN.
+    for k, name in (("lr", n_lr), ("eps", n_eps), ("weight_decay", n_wd)):
+        if not 0 <= h[k] < math.inf:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {h[k]}")
+    for k, name in (("beta1", n_b1), ("beta2", n_b2)):
+        if not 0 <= h[k] < 1:
+            raise ValueError(f"{name}: expected 0 <= {name} < 1, got {h[k]}")
+    return h
+
+
+def adam_step(bk, p, g, m, v, vmax, step: int, h: dict, written=None) -> None:
+    """The kernel call of one checked Adam step (adam_update's and Adam.step's): grad copied when it is not
+    C-contiguous or shares memory with one of the `written` arrays (default: all the updated ones; Adam
+    passes only the parameter, as its state arrays are its own)."""
+    if p.size == 0:
+        return
+    if not (g.flags.c_contiguous and bk.aligned(g)) or any(
+            bk.xp.may_share_memory(g, s) for s in (written or (p, m, v, vmax)) if s is not None):
+        g = bk.xp.array(g, order="C", copy=True)
+    lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
+    bk.adam(p, g, m, v, vmax, lr, beta1, beta2, h["eps"], h["weight_decay"], *adam_scalars(lr, beta1, beta2, step),
+            h["decoupled_weight_decay"], h["maximize"])
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -611,55 +751,42 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, b
     """One fused, in-place Adam step with torch.optim.Adam's arithmetic.
 
     param, exp_avg, exp_avg_sq (and max_exp_avg_sq for AMSGrad) are updated in place: they must be
-    C-contiguous, writable, of one shape and dtype (float32/float64), and distinct. grad: same shape and
-    dtype, any layout. step: the step number, counting from 1 (bias corrections use it).
-    decoupled_weight_decay=True gives AdamW; maximize ascends. Returns None.
+    C-contiguous, writable, of one shape, and distinct; float32/float64, one dtype (on the GPU: param
+    float32 or float16 and the moments always float32, as float16 moments would underflow). grad: param's
+    shape and dtype, any layout. step: the step number, counting from 1 (bias corrections use it).
+    decoupled_weight_decay=True gives AdamW; maximize ascends. Returns None (does not synchronize).
+    JAX arrays are read-only: passing one as an updated array is a ValueError.
     """
-    p = _array(param, "param")
-    if not (p.flags.c_contiguous and p.flags.aligned):
-        raise ValueError("param: must be C-contiguous and aligned (it is updated in place; a copy would be "
-                         "silently lost)")
-    if not p.flags.writeable:
-        raise ValueError("param: the array is read-only (it is updated in place)")
-    g = _array(grad, "grad")
+    writes = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    bk, (p, g, m, v, vmax) = adopt("adam_update", {"param": param, "grad": grad, "exp_avg": exp_avg,
+                                                   "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq},
+                                   writes)
+    _floats(bk, p, "param")
+    _in_place(bk, p, "param")
+    _floats(bk, g, "grad")
     _same_dtype(p, "param", g, "grad")
     if g.shape != p.shape:
         raise ValueError(f"grad: shape {g.shape} does not match param's shape {p.shape}")
-    m = _state(exp_avg, "exp_avg", p)
-    v = _state(exp_avg_sq, "exp_avg_sq", p)
-    vmax = _state(max_exp_avg_sq, "max_exp_avg_sq", p) if max_exp_avg_sq is not None else None
-    states = [("param", p), ("exp_avg", m), ("exp_avg_sq", v)] + ([("max_exp_avg_sq", vmax)] if vmax is not None else [])
-    for i in range(len(states)):
-        for j in range(i + 1, len(states)):
-            if states[i][1].size and np.may_share_memory(states[i][1], states[j][1]):
-                raise ValueError(f"{states[j][0]}: shares memory with {states[i][0]}; the state arrays must be distinct")
-    if isinstance(step, bool):
-        raise TypeError("step: expected an int >= 1, got bool")
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step: expected an int >= 1, got {type(step).__name__}") from None
-    if step < 1:
-        raise ValueError(f"step: expected an int >= 1 (steps count from 1), got {step}")
-    lr, beta1, beta2 = _real(lr, "lr"), _real(beta1, "beta1"), _real(beta2, "beta2")
-    eps, weight_decay = _real(eps, "eps"), _real(weight_decay, "weight_decay")
-    # Finite: an infinite lr, eps or weight decay only turns parameters into inf/NaN.
-    if not 0 <= lr < math.inf:
-        raise ValueError(f"lr: expected a finite number >= 0, got {lr}")
-    if not 0 <= beta1 < 1:
-        raise ValueError(f"beta1: expected 0 <= beta1 < 1, got {beta1}")
-    if not 0 <= beta2 < 1:
-        raise ValueError(f"beta2: expected 0 <= beta2 < 1, got {beta2}")
-    if not 0 <= eps < math.inf:
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
-    if not 0 <= weight_decay < math.inf:
-        raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay}")
-    decoupled = _flag(decoupled_weight_decay, "decoupled_weight_decay")
-    maximize = _flag(maximize, "maximize")
-    if g.size and (not g.flags.c_contiguous or not g.flags.aligned or any(np.may_share_memory(g, s) for _, s in states)):
-        g = np.array(g, order="C", copy=True)
-    _C.adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, *adam_scalars(lr, beta1, beta2, step),
-            decoupled, maximize)
+    states = [("param", p)]
+    want = bk.moment_dtype(p.dtype)
+    for x, name in ((m, "exp_avg"), (v, "exp_avg_sq"), (vmax, "max_exp_avg_sq")):
+        if x is None:
+            continue
+        _floats(bk, x, name)
+        if want != p.dtype and x.dtype != want:
+            raise TypeError(f"{name}: expected a {want} array (the moments are {want} on the {bk.device}), got "
+                            f"dtype {x.dtype}")
+        if want == p.dtype:
+            _same_dtype(p, "param", x, name)
+        if x.shape != p.shape:
+            raise ValueError(f"{name}: shape {x.shape} does not match param's shape {p.shape}")
+        _in_place(bk, x, name)
+        states.append((name, x))
+    _distinct(bk, states)
+    step = _count(step, "step", 1, " (steps count from 1)")
+    h = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize)
+    with bk.scope():
+        adam_step(bk, p, g, m, v, vmax, step, h)
 
 
 # ---- threads and ISA ------------------------------------------------------------------------------

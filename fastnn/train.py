@@ -1,69 +1,16 @@
-"""Training pieces built on the kernels: the backward of `linear` and an Adam optimizer over numpy arrays.
-
-linear_backward runs both products on the matmul kernel with transposed *views* (the packing reads any
-strides, so no transpose is copied); Adam keeps its state in numpy arrays and updates each parameter with
-one fused `adam_update` call.
-"""
+"""The Adam optimizer over arrays of any family fastnn takes (numpy, torch, cupy, ...): its state lives in
+the backend's native arrays and each step runs the one checked `adam_update` kernel call per parameter."""
 from __future__ import annotations
 
-import math
 import numbers
-import operator
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 
-from . import _C
-from ._ops import _array, _flag, _real, _same_dtype, adam_scalars, linear_shapes, matmul
+from ._backend import adopt
+from ._ops import _count, _flag, _floats, _in_place, _same_dtype, adam_hyper, adam_step
 
-__all__ = ["linear_backward", "Adam"]
-
-
-def linear_backward_shapes(g, x, weight) -> Tuple[int, int, int]:
-    """(rows, in, out) of a linear_backward call, or a ValueError naming the argument whose shape is wrong;
-    shared by the CPU and GPU functions."""
-    n_in, n_out = linear_shapes(x, weight)
-    want = x.shape[:-1] + (n_out,)
-    if g.shape != want:
-        raise ValueError(f"grad_output: expected shape {want} (x's leading dimensions + weight's out), "
-                         f"got {g.shape}")
-    return math.prod(x.shape[:-1]), n_in, n_out
-
-
-def linear_backward(grad_output, x, weight, *, bias=True,
-                    x_grad=True) -> Tuple[Optional[np.ndarray], np.ndarray, Optional[np.ndarray]]:
-    """Gradients of y = x @ weight + bias with respect to x, weight and bias.
-
-    grad_output: (..., out), the gradient of the loss with respect to y; x: (..., in); weight: (in, out);
-    one float dtype. bias: whether the forward had a bias (then its gradient is returned, else None).
-    x_grad: whether to compute grad_x; pass False for a first layer, whose input needs no gradient (it
-    saves one of the two products), and None is returned in its place.
-    For `linear(..., activation="relu")` pass `relu_backward(grad, y)` as grad_output.
-    Returns (grad_x (..., in) or None, grad_weight (in, out), grad_bias (out,) or None), new arrays in
-    x's dtype: grad_x = grad_output @ weight.T, grad_weight = x2.T @ g2 and grad_bias = g2.sum(0), with
-    x2, g2 the 2-D (rows, features) views. Both products run on the matmul kernel reading the transposes
-    in place.
-    Raises TypeError for non-arrays and non-float or mixed dtypes, ValueError for mismatched shapes.
-    """
-    g = _array(grad_output, "grad_output")
-    x = _array(x, "x")
-    weight = _array(weight, "weight")
-    _same_dtype(x, "x", weight, "weight")
-    _same_dtype(x, "x", g, "grad_output")
-    bias = _flag(bias, "bias")
-    x_grad = _flag(x_grad, "x_grad")
-    rows, n_in, n_out = linear_backward_shapes(g, x, weight)
-    x2 = x.reshape(rows, n_in)
-    g2 = g.reshape(rows, n_out)
-    # matmul's 2-D path packs the transposed views directly (no transpose is copied).
-    grad_x = matmul(g2, weight.T).reshape(x.shape) if x_grad else None   # (rows, out) @ (out, in)
-    grad_w = matmul(x2.T, g2)                  # (in, rows) @ (rows, out); rows == 0 gives zeros
-    grad_b = g2.sum(axis=0) if bias else None  # sum of a 0-row array is zeros, in g's dtype
-    return grad_x, grad_w, grad_b
-
-
-def _on_gpu(a) -> bool:
-    return type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__")
+__all__ = ["Adam"]
 
 
 def _scalar(v):
@@ -94,58 +41,32 @@ class Adam:
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, amsgrad=False, maximize=False):
         if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
-            raise TypeError(f"params: expected a list of numpy arrays, got {type(params).__name__}")
-        self.params: List[np.ndarray] = list(params)
-        self._cp = None  # cupy, when the params are GPU arrays
-        if any(_on_gpu(p) for p in self.params):
-            self._check_gpu_params()
-        else:
-            for i, p in enumerate(self.params):
-                name = f"params[{i}]"
-                _array(p, name)
-                if not p.flags.c_contiguous:
-                    raise ValueError(f"{name}: must be C-contiguous (it is updated in place; a copy would be "
-                                     "silently lost)")
-                if not p.flags.writeable:
-                    raise ValueError(f"{name}: the array is read-only (it is updated in place)")
-                for j in range(i):
-                    if p.size and np.may_share_memory(p, self.params[j]):
-                        raise ValueError(f"{name}: shares memory with params[{j}]; each parameter must be "
-                                         "updated once per step")
+            raise TypeError(f"params: expected a list of arrays, got {type(params).__name__}")
+        self.params: List = list(params)
+        bk, natives = self._adopt(())
+        for i, p in enumerate(natives):
+            name = f"params[{i}]"
+            _floats(bk, p, name)
+            _in_place(bk, p, name)
+            for j in range(i):
+                if p.size and bk.xp.may_share_memory(p, natives[j]):
+                    raise ValueError(f"{name}: shares memory with params[{j}]; each parameter must be "
+                                     "updated once per step")
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.decoupled_weight_decay, self.amsgrad, self.maximize = decoupled_weight_decay, amsgrad, maximize
         self._hyper()
-        self.state = [self._fresh_state(p) for p in self.params]
+        self._bk, self._natives = bk, natives
+        with bk.scope():
+            self.state = [self._fresh_state(p) for p in natives]
 
-    def _check_gpu_params(self) -> None:
-        from . import _gpu  # imported here: fastnn._gpu imports this module
-        c = _gpu._Call("Adam")
-        self._cp = c.cp
-        for i, p in enumerate(self.params):
-            name = f"params[{i}]"
-            if not _on_gpu(p):
-                raise TypeError(f"{name}: expected a GPU array like params[0]: all params of one Adam must be on "
-                                f"one side, got {type(p).__name__}")
-            if not isinstance(p, c.cp.ndarray):
-                raise TypeError(f"{name}: expected a cupy.ndarray (updated in place), got {type(p).__name__}")
-            c.array(p, name)
-            if not p.flags.c_contiguous:
-                raise ValueError(f"{name}: must be C-contiguous (it is updated in place; a copy would be "
-                                 "silently lost)")
-            for j in range(i):
-                if p.size and c.cp.may_share_memory(p, self.params[j]):
-                    raise ValueError(f"{name}: shares memory with params[{j}]; each parameter must be "
-                                     "updated once per step")
-
-    def _state_dtype(self, p):
-        """The moments' dtype: the parameter's on the CPU, float32 on the GPU (see adam_update)."""
-        return np.dtype(np.float32) if self._cp is not None else p.dtype
+    def _adopt(self, grads):
+        """(backend, native params + native grads) of the params and the non-None grads: one array family."""
+        arrays = {f"params[{i}]": p for i, p in enumerate(self.params)}
+        arrays.update((f"grads[{i}]", g) for i, g in enumerate(grads) if g is not None)
+        return adopt("Adam", arrays, tuple(arrays)[:len(self.params)])
 
     def _zeros(self, p):
-        if self._cp is None:
-            return np.zeros_like(p)
-        with p.device:
-            return self._cp.zeros(p.shape, self._cp.float32)
+        return self._bk.xp.zeros(p.shape, self._bk.moment_dtype(p.dtype))
 
     def _fresh_state(self, p) -> dict:
         s = {"step": 0, "exp_avg": self._zeros(p), "exp_avg_sq": self._zeros(p)}
@@ -158,27 +79,17 @@ class Adam:
         betas = self.betas
         if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
             raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        h = dict(lr=_real(_scalar(self.lr), "lr"), beta1=_real(_scalar(betas[0]), "betas[0]"),
-                 beta2=_real(_scalar(betas[1]), "betas[1]"), eps=_real(_scalar(self.eps), "eps"),
-                 weight_decay=_real(_scalar(self.weight_decay), "weight_decay"),
-                 decoupled_weight_decay=_flag(_scalar(self.decoupled_weight_decay), "decoupled_weight_decay"),
-                 maximize=_flag(_scalar(self.maximize), "maximize"))
         _flag(_scalar(self.amsgrad), "amsgrad")
-        # Finite, as adam_update requires: an infinite lr, eps or weight decay only makes inf/NaN parameters.
-        for k in ("lr", "eps", "weight_decay"):
-            if not 0 <= h[k] < math.inf:
-                raise ValueError(f"{k}: expected a finite number >= 0, got {h[k]}")
-        for k, name in (("beta1", "betas[0]"), ("beta2", "betas[1]")):
-            if not 0 <= h[k] < 1:
-                raise ValueError(f"{name}: expected 0 <= beta < 1, got {h[k]}")
-        return h
+        return adam_hyper(_scalar(self.lr), _scalar(betas[0]), _scalar(betas[1]), _scalar(self.eps),
+                          _scalar(self.weight_decay), _scalar(self.decoupled_weight_decay), _scalar(self.maximize),
+                          names=("lr", "betas[0]", "betas[1]", "eps", "weight_decay"))
 
-    def step(self, grads: Sequence[Optional[np.ndarray]]) -> None:
-        """One update of every parameter: grads[i] (same shape and dtype as params[i], any layout) is its
-        gradient; None skips that parameter (its step count does not advance, as in torch).
-        Everything is checked before any parameter is touched."""
+    def step(self, grads: Sequence) -> None:
+        """One update of every parameter: grads[i] (same shape and dtype as params[i], any layout, the same
+        array type) is its gradient; None skips that parameter (its step count does not advance, as in
+        torch). Everything is checked before any parameter is touched."""
         if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
-            raise TypeError(f"grads: expected a list of numpy arrays (one per param), got {type(grads).__name__}")
+            raise TypeError(f"grads: expected a list of arrays (one per param), got {type(grads).__name__}")
         if len(grads) != len(self.params):
             raise ValueError(f"grads: expected {len(self.params)} gradients (one per param), got {len(grads)}")
         h = self._hyper()
@@ -186,38 +97,23 @@ class Adam:
         if amsgrad and any("max_exp_avg_sq" not in s for s in self.state):
             raise ValueError("amsgrad: cannot be switched on after construction (there is no max_exp_avg_sq "
                              "state); make a new Adam")
-        for i, (p, g) in enumerate(zip(self.params, grads)):
+        bk, natives = self._adopt(grads)
+        params, rest = natives[:len(self.params)], iter(natives[len(self.params):])
+        pairs = []
+        for i, g in enumerate(grads):
             if g is None:
                 continue
-            name = f"grads[{i}]"
-            if self._cp is None:
-                _array(g, name)
-            elif not _on_gpu(g):
-                raise TypeError(f"{name}: expected a GPU array (the params are on the GPU), got {type(g).__name__}")
+            p, g, name = params[i], next(rest), f"grads[{i}]"
+            _floats(bk, g, name)
             _same_dtype(p, f"params[{i}]", g, name)
             if g.shape != p.shape:
                 raise ValueError(f"{name}: shape {g.shape} does not match params[{i}]'s shape {p.shape}")
-        if self._cp is not None:
-            from . import _gpu
-            for p, g, s in zip(self.params, grads, self.state):
-                if g is not None:
-                    s["step"] += 1
-                    _gpu.adam_update(p, g, s["exp_avg"], s["exp_avg_sq"], step=s["step"],
-                                     max_exp_avg_sq=s["max_exp_avg_sq"] if amsgrad else None, **h)
-            return
-        lr, beta1, beta2, eps, wd = h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
-        decoupled, maximize = h["decoupled_weight_decay"], h["maximize"]
-        for p, g, s in zip(self.params, grads, self.state):
-            if g is None:
-                continue
-            # Everything adam_update checks holds here (params and state were checked when they were set;
-            # the kernel entry re-checks sizes and layouts), so the kernel is called directly: a step over
-            # many small parameters is dominated by per-call overhead.
-            if not (g.flags.c_contiguous and g.flags.aligned) or (g.size and np.may_share_memory(g, p)):
-                g = np.array(g, order="C", copy=True)
-            s["step"] += 1
-            _C.adam(p, g, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] if amsgrad else None, lr, beta1, beta2,
-                    eps, wd, *adam_scalars(lr, beta1, beta2, s["step"]), decoupled, maximize)
+            pairs.append((p, g, self.state[i]))
+        with bk.scope():
+            for p, g, s in pairs:
+                s["step"] += 1
+                adam_step(bk, p, g, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] if amsgrad else None,
+                          s["step"], h, (p,))
 
     # ---- checkpoints: a flat dict of numpy arrays and Python scalars ----------------------------------
 
@@ -237,7 +133,7 @@ class Adam:
                 if isinstance(v, int):
                     d[f"state.{i}.{k}"] = int(v)
                 else:  # a numpy copy (GPU state too: np.savez needs host arrays)
-                    d[f"state.{i}.{k}"] = v.copy() if self._cp is None else self._cp.asnumpy(v)
+                    d[f"state.{i}.{k}"] = v.copy() if isinstance(v, np.ndarray) else v.get()
         return d
 
     def load_state_dict(self, state_dict) -> None:
@@ -260,38 +156,27 @@ class Adam:
             raise ValueError(f"state_dict: holds state for {n} parameters, this optimizer has {len(self.params)}")
         arrays = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hyper["amsgrad"] else ())
         new_state = []
-        for i, p in enumerate(self.params):
+        for i, p in enumerate(self._natives):
             key = f"state.{i}.step"
             if key not in d:
                 raise ValueError(f"state_dict: missing key {key!r}")
-            step = _scalar(d[key])
-            if isinstance(step, (bool, np.bool_)):
-                raise TypeError(f"{key}: expected an int >= 0, got bool")
-            try:
-                step = operator.index(step)
-            except TypeError:
-                raise TypeError(f"{key}: expected an int >= 0, got {type(step).__name__}") from None
-            if step < 0:
-                raise ValueError(f"{key}: expected an int >= 0, got {step}")
-            s = {"step": int(step)}
+            s = {"step": _count(_scalar(d[key]), key, 0)}
             for a in arrays:
                 key = f"state.{i}.{a}"
                 if key not in d:
                     raise ValueError(f"state_dict: missing key {key!r}")
                 v = d[key]
-                if self._cp is not None and _on_gpu(v):
-                    v = self._cp.asnumpy(v)
-                v = _array(v, key)
-                want = self._state_dtype(p)
+                if not isinstance(v, np.ndarray) and hasattr(v, "__cuda_array_interface__") and hasattr(v, "get"):
+                    v = v.get()  # a GPU (cupy) array
+                if not isinstance(v, np.ndarray):
+                    raise TypeError(f"{key}: expected a numpy.ndarray, got {type(v).__name__}")
+                want = self._bk.moment_dtype(p.dtype)
                 if v.dtype != want:
                     raise TypeError(f"{key}: dtype {v.dtype} does not match the state's dtype {want}")
                 if v.shape != p.shape:
                     raise ValueError(f"{key}: shape {v.shape} does not match params[{i}]'s shape {p.shape}")
-                if self._cp is None:
-                    s[a] = np.array(v, order="C", copy=True)
-                else:
-                    with p.device:
-                        s[a] = self._cp.array(v, order="C", copy=True)
+                with self._bk.scope():
+                    s[a] = self._bk.xp.array(v, order="C", copy=True)
             new_state.append(s)
         old = {k: getattr(self, k) for k in ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay",
                                              "amsgrad", "maximize")}

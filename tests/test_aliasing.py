@@ -8,6 +8,7 @@ import pytest
 import fastnn
 from fastnn import reference as ref
 from conftest import DTYPES, assert_close, f64
+from op_table import OPS
 
 SHIFTS = [1, -1, 7, -13, 64, -64]  # elements: partial overlap from either side, a row, more
 
@@ -115,3 +116,20 @@ def test_in_place_exact_identity(rng, dtype):
     expected = ref.relu_backward(*f64(g, y))
     assert fastnn.relu_backward(g, y, out=g) is g
     assert np.array_equal(g, expected.astype(dtype))
+
+
+# ---- every op with out= (tests/op_table.py) -----------------------------------------------------------
+
+@pytest.mark.parametrize("op", [op for op in OPS if op.out], ids=[op.name for op in OPS if op.out])
+@pytest.mark.parametrize("shift", [1, -7, 64])
+def test_table_out_overlapping_the_first_input(rng, op, shift):
+    """For every op of the table that takes out=: out a shifted view of the buffer holding the first input."""
+    args, kw = op.build(rng, np.float64)
+    want = op.oracle(*(f64(a) for a in args), **kw)
+    x, pad = args[0], 128
+    buf = rng.standard_normal(pad + max(x.size, want.size) + 2 * pad)
+    x_view = shifted(buf, pad, x.shape)
+    x_view[...] = x
+    out = shifted(buf, pad + shift, want.shape)
+    assert getattr(fastnn, op.name)(x_view, *args[1:], out=out, **kw) is out
+    assert_close(out, want, np.float64, k=op.k)

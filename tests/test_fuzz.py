@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, seed, settings, strategies as st
 import fastnn
 from fastnn import reference as ref
 from conftest import assert_close, f64, softmax_backward_scale
+from op_table import OPS as TABLE
 
 EXAMPLES = int(os.environ.get("FASTNN_FUZZ_EXAMPLES", "250"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
@@ -727,3 +728,16 @@ def test_fuzz(name, data):
     for k, v in inputs.items():
         if not any(_same_memory(v, o) for o in outs if o is not None):
             assert np.array_equal(v, before[k], equal_nan=True), f"input {k} was modified"
+
+
+# ---- every op of the shared table (tests/op_table.py): junk in any array argument --------------------
+
+@SETTINGS
+@given(data=st.data(), op=st.sampled_from(TABLE),
+       junk=st.sampled_from([1.0, 3, [1.0, 2.0], "x", b"x", (1.0,), object(), {"a": 1}]))
+def test_table_junk_in_any_array_argument_is_a_type_error(data, op, junk):
+    args, kw = op.build(np.random.default_rng(0), np.float32)
+    i = data.draw(st.integers(0, len(args) - 1))
+    bad = args[:i] + (junk,) + args[i + 1:]
+    with pytest.raises(TypeError, match="expected an array"):
+        getattr(fastnn, op.name)(*bad, **kw)

@@ -1,11 +1,13 @@
-# Type stub for the public ops (re-exported by fastnn/__init__.py). Arrays are float32 or float64.
-from typing import Literal, Optional, Tuple, overload
+# Type stub for the package: the public ops (fastnn/_ops.py), Adam and the runtime functions. An op takes
+# arrays of one type (numpy.ndarray, torch.Tensor, jax.Array, cupy.ndarray or any DLPack /
+# __cuda_array_interface__ array) and returns that type: the TypeVar A stands for it.
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, overload
 
-import numpy as np
-import numpy.typing as npt
+A = TypeVar("A")
+FloatArray = A
+IntArray = Any
 
-FloatArray = npt.NDArray[np.floating]
-IntArray = npt.NDArray[np.integer]
+__version__: str
 
 def matmul(a: FloatArray, b: FloatArray, *, out: Optional[FloatArray] = ...) -> FloatArray: ...
 def linear(x: FloatArray, weight: FloatArray, bias: Optional[FloatArray] = ..., *,
@@ -19,17 +21,17 @@ def log_softmax_backward(grad_output: FloatArray, output: FloatArray, axis: int 
 def cross_entropy(logits: FloatArray, labels: IntArray) -> Tuple[float, FloatArray]: ...
 @overload
 def scaled_dot_product_attention(query: FloatArray, key: FloatArray, value: FloatArray,
-                                 attn_mask: Optional[npt.NDArray] = ..., dropout_p: float = ...,
+                                 attn_mask: Optional[Any] = ..., dropout_p: float = ...,
                                  is_causal: bool = ..., scale: Optional[float] = ..., enable_gqa: bool = ...,
                                  *, return_lse: Literal[False] = ...) -> FloatArray: ...
 @overload
 def scaled_dot_product_attention(query: FloatArray, key: FloatArray, value: FloatArray,
-                                 attn_mask: Optional[npt.NDArray] = ..., dropout_p: float = ...,
+                                 attn_mask: Optional[Any] = ..., dropout_p: float = ...,
                                  is_causal: bool = ..., scale: Optional[float] = ..., enable_gqa: bool = ...,
                                  *, return_lse: Literal[True]) -> Tuple[FloatArray, FloatArray]: ...
 def scaled_dot_product_attention_backward(
     grad_output: FloatArray, query: FloatArray, key: FloatArray, value: FloatArray, output: FloatArray,
-    lse: FloatArray, attn_mask: Optional[npt.NDArray] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
+    lse: FloatArray, attn_mask: Optional[Any] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
     enable_gqa: bool = ...) -> Tuple[FloatArray, FloatArray, FloatArray]: ...
 def adam_update(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *, step: int,
                 lr: float = ..., beta1: float = ..., beta2: float = ..., eps: float = ...,
@@ -39,3 +41,24 @@ def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def cpu_isa() -> str: ...
 def set_cpu_isa(name: str) -> None: ...
+def linear_backward(grad_output: A, x: A, weight: A, *, bias: bool = ...,
+                    x_grad: bool = ...) -> Tuple[Optional[A], A, Optional[A]]: ...
+def cuda_is_available() -> bool: ...
+def info() -> Dict[str, Any]: ...
+
+class Adam:
+    params: List[Any]
+    lr: float
+    betas: Tuple[float, float]
+    eps: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    amsgrad: bool
+    maximize: bool
+    state: List[Dict[str, Any]]
+    def __init__(self, params: Sequence[Any], lr: float = ..., betas: Tuple[float, float] = ..., eps: float = ...,
+                 weight_decay: float = ..., decoupled_weight_decay: bool = ..., amsgrad: bool = ...,
+                 maximize: bool = ...) -> None: ...
+    def step(self, grads: Sequence[Optional[Any]]) -> None: ...
+    def state_dict(self) -> Dict[str, Any]: ...
+    def load_state_dict(self, state_dict: Any) -> None: ...

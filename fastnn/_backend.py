@@ -1,0 +1,380 @@
+"""Array families and the CPU backend: which compute backend a call runs on and how its arrays get there.
+
+A call's arrays all belong to one *family* (numpy, torch, JAX, cupy, any other DLPack or
+__cuda_array_interface__ producer). The family says how an array is viewed, without a copy, as the
+native array of a compute backend (numpy for the CPU kernels, cupy for the CUDA ones) and how a result goes
+back to the caller's type. The *backend* (the CPU one here, the CUDA one in fastnn/_gpu.py) holds what
+differs between compute devices: the float dtypes, allocation, the layout tests, the stream and which
+compiled entry to call. The ops (fastnn/_ops.py) are written once against it.
+
+Nothing here imports torch, JAX or cupy: a family is recognised by its type's module and attributes, and
+its library is imported when such an array arrives.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+
+import numpy as np
+
+from . import _C
+
+ACCEPTED = ("numpy.ndarray, torch.Tensor, jax.Array, cupy.ndarray, or any array exporting DLPack "
+            "(__dlpack__) or __cuda_array_interface__")
+_NULL = contextlib.nullcontext()
+
+
+# ---- the CPU backend ---------------------------------------------------------------------------------
+
+class Cpu:
+    """The CPU kernels (fastnn._C) on numpy arrays. `family` is None for numpy callers; for another CPU
+    family (torch, JAX) it converts the results back, and `written` maps the native views of in-place
+    arguments back to the caller's objects (so relu(x, out=y) returns y itself)."""
+
+    xp = np
+    float_dtypes = (np.dtype(np.float32), np.dtype(np.float64))
+    dtype_names = "float32 or float64"
+    device = "CPU"
+
+    def __init__(self, family=None):
+        self.family = family
+        # Another family's arrays, once viewed as numpy arrays, try the compiled fast paths (for numpy
+        # callers the op has tried them already).
+        self.fast = family is not None
+        self.written = []  # (native, the caller's object) of the arrays written in place
+
+    # -- layout and allocation --
+    def scope(self):
+        return _NULL
+
+    @staticmethod
+    def aligned(a) -> bool:
+        return a.flags.aligned
+
+    @staticmethod
+    def writable(a) -> bool:
+        return a.flags.writeable
+
+    @staticmethod
+    def address(a) -> int:
+        return a.__array_interface__["data"][0]
+
+    @staticmethod
+    def offsets(offs: np.ndarray):
+        return offs
+
+    @staticmethod
+    def moment_dtype(dtype):
+        """The dtype of Adam's moments for parameters of `dtype`: the parameters' own on the CPU."""
+        return dtype
+
+    @staticmethod
+    def lse_dtype(dtype):
+        """The dtype of attention's per-row log-sum-exp for inputs of `dtype`: theirs on the CPU."""
+        return dtype
+
+    def wrap(self, r):
+        """A result in the caller's array type."""
+        if self.family is None:
+            return r
+        if type(r) is np.ndarray and not self.written:
+            return self.family.back(r)
+        return self.family.wrap(r, self.written)
+
+    # -- the compiled entries --
+    @staticmethod
+    def relu(x, y):
+        _C.relu(x, y)
+
+    @staticmethod
+    def relu_backward(g, x, y):
+        _C.relu_backward(g, x, y)
+
+    @staticmethod
+    def softmax(x, y, log: bool):
+        _C.softmax(x, y, x.shape[-1], log)
+
+    @staticmethod
+    def softmax_backward(g, y, out, log: bool):
+        _C.softmax_backward(g, y, out, y.shape[-1], log)
+
+    @staticmethod
+    def cross_entropy(logits, labels, grad) -> float:
+        """Writes grad = (softmax - onehot) / N, returns the summed loss."""
+        n, c = logits.shape
+        return _C.cross_entropy(logits, labels, grad, c, 1.0 / n)
+
+    @staticmethod
+    def gemm(a, b, buf, a_off, b_off, M, N, K, ea, eb, bias, relu):
+        _C.gemm(a, b, buf, a_off, b_off, M, N, K, ea[-2], ea[-1], eb[-2], eb[-1], bias, relu, False)
+
+    @staticmethod
+    def sdpa(at, out, lse):
+        _C.sdpa(at.q, at.k, at.v, out, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
+                at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale, lse)
+
+    def sdpa_backward(self, at, g, o, lse, matmul):
+        """Per-head (dq, dk, dv), batch + core shapes, from the fused flash-style kernel."""
+        nb = at.nbatch
+        dq = np.zeros(at.batch + (at.L, at.E), at.dtype)
+        dk = np.zeros(at.batch + (at.S, at.E), at.dtype)
+        dv = np.zeros(at.batch + (at.S, at.Ev), at.dtype)
+        if not at.empty() and at.S:
+            c = contiguous
+            _C.sdpa_backward(at.q, at.k, at.v, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
+                             at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
+                             c(self, g).reshape(nb, at.L, at.Ev), c(self, o).reshape(nb, at.L, at.Ev),
+                             c(self, lse).reshape(nb, at.L), dq.reshape(nb, at.L, at.E),
+                             dk.reshape(nb, at.S, at.E), dv.reshape(nb, at.S, at.Ev))
+        return dq, dk, dv
+
+    @staticmethod
+    def adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, decoupled, maximize):
+        _C.adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, decoupled, maximize)
+
+
+CPU = Cpu()
+
+
+def contiguous(bk, a):
+    """a as a C-contiguous array aligned for its dtype: a itself when it is, else a copy. (A view at an odd
+    byte offset is C-contiguous to NumPy, and np.ascontiguousarray keeps it, but the kernels need aligned
+    elements: misaligned loads are undefined behaviour in C++, and vectorized loops assume alignment.)"""
+    return a if a.flags.c_contiguous and bk.aligned(a) else bk.xp.array(a, order="C")
+
+
+# ---- array families ----------------------------------------------------------------------------------
+
+class Family:
+    """How one array type reaches a compute backend (`native`) and how results go back (`back`)."""
+
+    name = "array"
+    readonly = False  # its arrays can never be written (in-place ops refuse them)
+
+    def __init__(self, name: str, gpu: bool):
+        self.name, self.gpu = name, gpu
+
+    def backend(self, op: str):
+        if self.gpu:
+            from . import _gpu
+            return _gpu.Cuda(op, self)
+        return Cpu(self)
+
+    def native(self, x):
+        raise NotImplementedError
+
+    def back(self, a):
+        return a
+
+    def wrap(self, r, written):
+        """Result `r` (tuples element-wise; floats and None unchanged) in the caller's type: an array written
+        in place is the caller's own object (`written`: (native view, caller's array) pairs)."""
+        if isinstance(r, tuple):
+            return tuple(self.wrap(x, written) for x in r)
+        if r is None or isinstance(r, float):
+            return r
+        for native, original in written:
+            if r is native:
+                return original
+        return self.back(r)
+
+    def stream(self):
+        """The CUDA stream (a raw pointer) the caller's library computes on; None: cupy's current stream."""
+        return None
+
+
+def _lib(name: str):
+    return sys.modules.get(name) or importlib.import_module(name)
+
+
+class _Numpy(Family):
+    def native(self, x):
+        return x
+
+
+class _TorchCpu(Family):
+    # Tensor.numpy() and torch.from_numpy are the fastest zero-copy routes (about 1 us each; np.from_dlpack
+    # takes 3). detach(): autograd belongs to the PyTorch integration, here a tensor is read as data.
+    def native(self, x):
+        return (x.detach() if x.requires_grad else x).numpy()
+
+    def back(self, a):
+        return _from_numpy(a)
+
+
+class _TorchCuda(Family):
+    def native(self, x):
+        return _lib("cupy").from_dlpack(x.detach())
+
+    def back(self, a):
+        return _lib("torch").from_dlpack(a)
+
+    def stream(self):
+        return _lib("torch").cuda.current_stream().cuda_stream
+
+
+class _Cupy(Family):
+    def native(self, x):
+        return x
+
+
+class _CudaInterface(Family):  # any other __cuda_array_interface__ object: cupy arrays come back
+    def native(self, x):
+        return _lib("cupy").asarray(x)
+
+
+class _DLPack(Family):
+    """Any other DLPack producer (JAX among them): numpy (CPU) or cupy (CUDA) views in, results back
+    through its library's `from_dlpack` (numpy / cupy arrays when it has none)."""
+
+    def __init__(self, name: str, gpu: bool, module: str, readonly: bool = False):
+        super().__init__(name, gpu)
+        self.module, self.readonly = module, readonly
+
+    def native(self, x):
+        return _lib("cupy").from_dlpack(x) if self.gpu else np.from_dlpack(x)
+
+    def back(self, a):
+        lib = _lib(self.module)
+        from_dlpack = getattr(lib, "from_dlpack", None)
+        if from_dlpack is None and self.module == "jax":
+            from_dlpack = _lib("jax.numpy").from_dlpack
+        if from_dlpack is None:
+            return a
+        return from_dlpack(a if a.flags.c_contiguous else a.copy())
+
+
+NUMPY = _Numpy("numpy.ndarray", False)
+_TORCH = (_TorchCpu("torch.Tensor (CPU)", False), _TorchCuda("torch.Tensor (CUDA)", True))
+_CUPY = _Cupy("cupy.ndarray", True)
+_CAI = _CudaInterface("GPU array (__cuda_array_interface__)", True)
+_JAX = (_DLPack("jax.Array", False, "jax", readonly=True), _DLPack("jax.Array (GPU)", True, "jax", readonly=True))
+_DLPACK_CUDA = 2  # DLDeviceType kDLCUDA; kDLCPU is 1
+_dlpack_families: dict = {}
+
+
+_TORCH_CPU_BACKEND = Cpu(_TORCH[0])  # shared by the calls that write no torch tensor in place
+_torch_tensor = None  # torch.Tensor once one has been seen (a cheaper test than the module name)
+_from_numpy = None    # torch.from_numpy, likewise
+
+
+def _torch_cpu(arrays: dict, writes):
+    """adopt() for the commonest foreign call, plain torch CPU tensors (no grad, numpy dtypes): (backend,
+    natives) or None for anything else, which the general path then handles (and explains)."""
+    natives = []
+    written = None
+    try:
+        for name, v in arrays.items():
+            if v is None:
+                if name not in OPTIONAL:
+                    return None
+                natives.append(None)
+            elif type(v) is _torch_tensor and not v.is_cuda and not v.requires_grad:
+                a = v.numpy()
+                natives.append(a)
+                if name in writes:
+                    written = (written or []) + [(a, v)]
+            else:
+                return None
+    except (TypeError, RuntimeError):
+        return None
+    if written is None:
+        return _TORCH_CPU_BACKEND, natives
+    bk = Cpu(_TORCH[0])
+    bk.written = written
+    return bk, natives
+
+
+def family_of(x):
+    """The family of `x`, or None when it is no array fastnn accepts."""
+    global _torch_tensor, _from_numpy
+    t = type(x)
+    if t is _torch_tensor:
+        return _TORCH[x.is_cuda]
+    if t is np.ndarray or isinstance(x, np.ndarray):
+        return NUMPY
+    root = t.__module__.partition(".")[0]
+    if root == "torch" and hasattr(x, "is_cuda") and hasattr(x, "numpy"):
+        torch = _lib("torch")
+        _torch_tensor, _from_numpy = torch.Tensor, torch.from_numpy
+        return _TORCH[bool(x.is_cuda)]
+    if root == "cupy":
+        return _CUPY
+    if root in ("jax", "jaxlib") and hasattr(x, "__dlpack__"):
+        return _JAX[_dlpack_device(x) == _DLPACK_CUDA]
+    if hasattr(x, "__cuda_array_interface__"):
+        return _CAI
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        gpu = _dlpack_device(x) == _DLPACK_CUDA
+        key = (root, gpu)
+        if key not in _dlpack_families:
+            _dlpack_families[key] = _DLPack(f"{root} array{' (CUDA)' if gpu else ''}", gpu, root)
+        return _dlpack_families[key]
+    return None
+
+
+def _dlpack_device(x) -> int:
+    try:
+        return int(x.__dlpack_device__()[0])
+    except Exception:
+        return 0
+
+
+def not_an_array(name: str, x) -> TypeError:
+    return TypeError(f"{name}: expected an array ({ACCEPTED}), got {type(x).__name__}")
+
+
+OPTIONAL = frozenset(("out", "bias", "attn_mask", "max_exp_avg_sq"))  # arguments that may be None
+
+
+def adopt(op: str, arrays: dict, writes=()):
+    """(backend, [native arrays]) for one call: `arrays` maps argument names to the caller's arrays (None
+    for an absent OPTIONAL one) and `writes` names those the op writes in place. All must be of one family
+    (else a TypeError naming both); a read-only family in a written argument is a ValueError."""
+    values = arrays.values()
+    for v in values:
+        if type(v) is not np.ndarray:
+            break
+    else:
+        return CPU, list(values)
+    if type(v) is _torch_tensor:
+        found = _torch_cpu(arrays, writes)
+        if found is not None:
+            return found
+    first = family = None
+    for name, v in arrays.items():
+        if v is None and name in OPTIONAL:
+            continue
+        f = family_of(v)
+        if f is None:
+            raise not_an_array(name, v)
+        if family is None:
+            first, family = name, f
+        elif f is not family:
+            raise TypeError(f"{name}: got a {f.name} in a call whose {first} is a {family.name}; pass the arrays "
+                            "of one call as one array type")
+    if family is NUMPY or family is None:
+        return CPU, list(values)
+    if family.readonly:
+        for name in writes:
+            if arrays.get(name) is not None:
+                raise ValueError(f"{name}: {family.name}s are read-only, and {op} writes {name} in place; "
+                                 "use the returned value instead (or numpy / torch arrays)")
+    bk = family.backend(op)
+    natives = []
+    native = family.native
+    for name, v in arrays.items():
+        if v is None:
+            natives.append(None)
+            continue
+        try:
+            a = native(v)
+        except (TypeError, RuntimeError, BufferError, ValueError) as e:
+            raise TypeError(f"{name}: this {family.name} cannot be viewed as a {bk.device} array: {e}") from None
+        if family.gpu:
+            bk.claim(a, name)
+        if name in writes:
+            bk.written.append((a, v))
+        natives.append(a)
+    return bk, natives
