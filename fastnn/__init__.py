@@ -119,12 +119,12 @@ def _fast_ops(ndarray=_np.ndarray, matmul2d=_C.matmul2d, relu_fast=_C.relu_fast,
                 return y
         return linear_(x, weight, bias, activation=activation)
 
-    def cross_entropy(logits, labels):
+    def cross_entropy(logits, labels, *, reduction="mean", ignore_index=-100):
         if type(logits) is ndarray:
-            r = cross_entropy_fast(logits, labels)
+            r = cross_entropy_fast(logits, labels, reduction, ignore_index)
             if r is not None:
                 return r
-        return cross_entropy_(logits, labels)
+        return cross_entropy_(logits, labels, reduction=reduction, ignore_index=ignore_index)
 
     return (_fast(matmul_, matmul), _fast(relu_, relu), _fast(relu_backward_, relu_backward),
             _fast(softmax_, softmax), _fast(log_softmax_, log_softmax), _fast(linear_, linear),

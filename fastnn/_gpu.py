@@ -27,7 +27,8 @@ from typing import Optional
 import numpy as np
 
 from ._attention_grad import attention_backward, reduce_grad
-from ._ops import _axis, _batch_offsets, _broadcast_batch, _flag, _real, adam_scalars, linear_shapes
+from ._ops import (_axis, _batch_offsets, _broadcast_batch, _flag, _real, adam_scalars, cross_entropy_args,
+                   linear_shapes)
 from .train import linear_backward_shapes
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
@@ -328,12 +329,14 @@ def log_softmax_backward(grad_output, output, axis=-1):
     return _softmax_backward(grad_output, output, axis, True, "log_softmax_backward")
 
 
-def cross_entropy(logits, labels):
-    """(loss, grad) of the mean NLL over the N rows of (N, C) GPU logits; labels int32/int64 GPU array.
+def cross_entropy(logits, labels, *, reduction="mean", ignore_index=-100):
+    """(loss, grad) of the NLL over the N rows of (N, C) GPU logits; labels int32/int64 GPU array in [0, C) or
+    equal to ignore_index; reduction "mean" (over the rows not ignored), "sum" or "none", as on the CPU.
 
-    Synchronizes: labels are checked to lie in [0, C) (ValueError otherwise) and the loss is returned as a
-    Python float, as on the CPU; grad (N, C) = (softmax - onehot) / N stays on the GPU.
+    Synchronizes: labels are checked (ValueError otherwise) and a "mean"/"sum" loss is returned as a Python
+    float, as on the CPU; a "none" loss (N,) and grad (N, C) stay on the GPU.
     """
+    reduction, ignore_index = cross_entropy_args(reduction, ignore_index)
     c = _Call("cross_entropy")
     logits = c.array(logits, "logits")
     labels = c.array(labels, "labels", dtypes=("int32", "int64"))
@@ -343,19 +346,29 @@ def cross_entropy(logits, labels):
     if labels.shape != (n,):
         raise ValueError(f"labels: expected shape ({n},) to match logits {logits.shape}, got {labels.shape}")
     with c.scope():
-        grad = c.cp.empty((n, k), logits.dtype)
-        if n == 0:
-            return float("nan"), grad
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= k:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"labels: value {bad} is out of range; expected 0 <= label < {k}")
-        lab = c.cp.ascontiguousarray(labels, dtype=c.cp.int64)
-        xl = c.cp.ascontiguousarray(logits)
-        row_loss = c.cp.empty(n, c.cp.float32)
-        c.cuda.cross_entropy(c.device, c.code(logits.dtype), xl.data.ptr, lab.data.ptr, grad.data.ptr,
-                             row_loss.data.ptr, n, k, 1.0 / n, c.stream, _variant)
-        return float(row_loss.sum(dtype=c.cp.float64)) / n, grad
+        grad = c.cp.zeros((n, k), logits.dtype)
+        kept = labels != ignore_index
+        count = int(kept.sum())
+        if count:
+            kept_labels = labels[kept]
+            lo, hi = int(kept_labels.min()), int(kept_labels.max())
+            if lo < 0 or hi >= k:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"labels: value {bad} is out of range; expected 0 <= label < {k} "
+                                 f"(or ignore_index={ignore_index})")
+        row_loss = c.cp.zeros(n, c.cp.float32)
+        if n and k:
+            lab = c.cp.ascontiguousarray(labels, dtype=c.cp.int64)
+            xl = c.cp.ascontiguousarray(logits)
+            scale = 1.0 / count if reduction == "mean" and count else 1.0
+            c.cuda.cross_entropy(c.device, c.code(logits.dtype), xl.data.ptr, lab.data.ptr, grad.data.ptr,
+                                 row_loss.data.ptr, n, k, scale, ignore_index, c.stream, _variant)
+        if reduction == "none":
+            return row_loss.astype(logits.dtype), grad
+        total = float(row_loss.sum(dtype=c.cp.float64))
+        if reduction == "sum":
+            return total, grad
+        return (total / count if count else float("nan")), grad
 
 
 # ---- matmul and linear -----------------------------------------------------------------------------

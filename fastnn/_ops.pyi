@@ -1,5 +1,5 @@
 # Type stub for the public ops (re-exported by fastnn/__init__.py). Arrays are float32 or float64.
-from typing import Literal, Optional, Tuple, overload
+from typing import Literal, Optional, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -16,7 +16,8 @@ def softmax(x: FloatArray, axis: int = ..., *, out: Optional[FloatArray] = ...) 
 def log_softmax(x: FloatArray, axis: int = ..., *, out: Optional[FloatArray] = ...) -> FloatArray: ...
 def softmax_backward(grad_output: FloatArray, output: FloatArray, axis: int = ...) -> FloatArray: ...
 def log_softmax_backward(grad_output: FloatArray, output: FloatArray, axis: int = ...) -> FloatArray: ...
-def cross_entropy(logits: FloatArray, labels: IntArray) -> Tuple[float, FloatArray]: ...
+def cross_entropy(logits: FloatArray, labels: IntArray, *, reduction: str = ...,
+                  ignore_index: int = ...) -> Tuple[Union[float, FloatArray], FloatArray]: ...
 @overload
 def scaled_dot_product_attention(query: FloatArray, key: FloatArray, value: FloatArray,
                                  attn_mask: Optional[npt.NDArray] = ..., dropout_p: float = ...,
