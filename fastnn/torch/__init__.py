@@ -22,6 +22,9 @@ from ._ops import (
     scaled_dot_product_attention,
     softmax,
 )
+from ._patch import is_patched, patch, patched, unpatch
+from ._modules import Linear
+from ._optim import Adam, AdamW
 
 __all__ = ["CUSTOM_OPS", "linear", "matmul", "relu", "softmax", "log_softmax", "cross_entropy",
-           "scaled_dot_product_attention"]
+           "scaled_dot_product_attention", "Linear", "Adam", "AdamW", "patch", "unpatch", "patched", "is_patched"]
