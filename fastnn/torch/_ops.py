@@ -21,7 +21,9 @@ from ._convert import run
 # torch's own attention, captured before any patch: the dropout_p > 0 path (see scaled_dot_product_attention).
 _torch_sdpa = torch.nn.functional.scaled_dot_product_attention
 
-# Whether fastnn's attention kernel takes dropout_p itself; while False, dropout_p > 0 runs torch's function.
+# Whether fastnn's attention kernel takes dropout_p itself; while False, dropout_p > 0 runs torch's function
+# (scaled_dot_product_attention below and the patch). The one switch: when fastnn's attention gets dropout,
+# set it True and pass dropout_p (with the RNG state the backward needs) through the fastnn op _sdpa.
 FASTNN_ATTENTION_DROPOUT = False
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -364,8 +366,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     as torch. A query row with no allowed key gives zeros. dropout_p > 0 runs torch's own function (fastnn's
     attention has no dropout yet)."""
     if dropout_p > 0 and not FASTNN_ATTENTION_DROPOUT:
+        gqa = {"enable_gqa": True} if enable_gqa else {}  # torch < 2.5 has no enable_gqa
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                           scale=scale, enable_gqa=enable_gqa)
+                           scale=scale, **gqa)
     _check("query, key, value", query, key, value)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):

@@ -16,6 +16,12 @@ from . import _ops
 F = torch.nn.functional
 PATCHED = ("linear", "relu", "softmax", "log_softmax", "cross_entropy", "scaled_dot_product_attention")
 _PLAIN = (Tensor, torch.nn.Parameter)
+# The tensors torch.compile's tracing passes through a patched function that dynamo keeps as one call (it
+# treats some torch.nn.functional names so): fake tensors, and the functional tensors of AOT autograd.
+from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
+from torch._subclasses.functional_tensor import FunctionalTensor  # noqa: E402
+
+_TRACING = (FakeTensor, FunctionalTensor)
 _saved = None  # torch's functions while patched
 
 
@@ -25,10 +31,14 @@ def _cuda_kernels() -> bool:
     return fastnn.cuda_is_available()
 
 
+def _plain(t) -> bool:
+    return type(t) in _PLAIN or isinstance(t, _TRACING)
+
+
 def _kernel(t) -> bool:
     """Whether fastnn has a kernel for tensor t: a plain tensor (not a subclass with __torch_function__),
     float32/float64 on the CPU or float32 on a CUDA device fastnn runs on, outside autocast."""
-    if type(t) not in _PLAIN:
+    if not _plain(t):
         return False
     dev = t.device.type
     if dev == "cpu":
@@ -59,12 +69,12 @@ def _cross_entropy_supported(input, target, weight, size_average, ignore_index, 
                              label_smoothing) -> bool:
     return (weight is None and size_average is None and reduce is None and label_smoothing == 0.0
             and reduction in ("mean", "sum", "none") and type(ignore_index) is int
-            and _kernel(input) and input.dim() == 2 and type(target) in _PLAIN and target.dtype == torch.int64
+            and _kernel(input) and input.dim() == 2 and _plain(target) and target.dtype == torch.int64
             and target.device == input.device and target.dim() == 1 and target.shape[0] == input.shape[0])
 
 
 def _sdpa_supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
-    if not (dropout_p == 0.0 and type(is_causal) is bool and type(enable_gqa) is bool
+    if not ((dropout_p == 0.0 or _ops.FASTNN_ATTENTION_DROPOUT) and type(is_causal) is bool and type(enable_gqa) is bool
             and (scale is None or type(scale) in (int, float)) and _same(query, key, value)):
         return False
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
@@ -76,7 +86,7 @@ def _sdpa_supported(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         return False
     if attn_mask is None:
         return True
-    return (not is_causal and type(attn_mask) in _PLAIN and attn_mask.device == query.device
+    return (not is_causal and _plain(attn_mask) and attn_mask.device == query.device
             and not attn_mask.requires_grad and (attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype))
 
 
@@ -122,8 +132,8 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
         return _ops.scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
     if enable_gqa is not False:  # torch < 2.5 has no enable_gqa: pass it only when it is used
         kwargs["enable_gqa"] = enable_gqa
-    return _saved["scaled_dot_product_attention"](query, key, value, attn_mask, dropout_p, is_causal, scale, *args,
-                                                  **kwargs)
+    return _saved["scaled_dot_product_attention"](query, key, value, attn_mask, dropout_p, is_causal, *args,
+                                                  scale=scale, **kwargs)
 
 
 _REPLACEMENTS = {"linear": _linear, "relu": _relu, "softmax": _softmax, "log_softmax": _log_softmax,
