@@ -7,26 +7,29 @@ this file is the single place to change when fastnn's functions take and return 
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 
-def _array(t):
-    if isinstance(t, list):
-        return [_array(x) for x in t]
-    if not isinstance(t, torch.Tensor):
-        return t
-    t = t.detach()
-    if t.device.type == "cpu":
-        return t.numpy()
-    import cupy  # CUDA tensors only: cupy is needed for fastnn's GPU kernels anyway
-    return cupy.asarray(t)
+def _cpu(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().numpy()
+    if type(a) is list:
+        return [_cpu(x) for x in a]
+    return a
+
+
+def _cuda(a):
+    if isinstance(a, torch.Tensor):
+        import cupy  # CUDA tensors only: cupy is needed for fastnn's GPU kernels anyway
+        return cupy.asarray(a.detach())
+    if type(a) is list:
+        return [_cuda(x) for x in a]
+    return a
 
 
 def _tensor(a, device):
-    if isinstance(a, np.ndarray):
+    if type(a) is np.ndarray:
         t = torch.from_numpy(a if a.flags.writeable else a.copy())
     elif hasattr(a, "__cuda_array_interface__"):
         t = torch.as_tensor(a, device=device)
@@ -36,19 +39,19 @@ def _tensor(a, device):
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _stream(device: torch.device):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    import cupy
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
-
-
 def run(fn, *args, **kwargs):
-    """fn(*args, **kwargs) with every tensor argument (or list of tensors) passed as fastnn's array type and every array in the
-    result (an array or a tuple of them and other values) returned as a tensor on the arguments' device."""
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-    with _stream(device):
-        out = fn(*(_array(a) for a in args), **{k: _array(v) for k, v in kwargs.items()})
-    if isinstance(out, tuple):
+    """fn(*args, **kwargs) with every tensor argument (or list of tensors) passed as fastnn's array type and
+    every array in the result (an array or a tuple of them and other values) returned as a tensor on the
+    device of the first argument (a tensor or a list of tensors)."""
+    first = args[0][0] if type(args[0]) is list else args[0]
+    if first.device.type == "cpu":
+        device = None
+        out = fn(*[_cpu(a) for a in args], **{k: _cpu(v) for k, v in kwargs.items()})
+    else:
+        import cupy
+        device = first.device
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+            out = fn(*[_cuda(a) for a in args], **{k: _cuda(v) for k, v in kwargs.items()})
+    if type(out) is tuple:
         return tuple(_tensor(o, device) for o in out)
     return _tensor(out, device)
