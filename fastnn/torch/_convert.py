@@ -13,9 +13,9 @@ import torch
 
 def _cpu(a):
     if isinstance(a, torch.Tensor):
-        return a.detach().numpy()
-    if type(a) is list:
-        return [_cpu(x) for x in a]
+        return a.detach().numpy() if a.requires_grad else a.numpy()
+    if type(a) is list and a and isinstance(a[0], torch.Tensor):  # the optimizer's lists of tensors
+        return [x.detach().numpy() if x.requires_grad else x.numpy() for x in a]
     return a
 
 

@@ -93,8 +93,7 @@ class Adam(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)
         scalars = {}
         step_sizes, bc2s = [], []
-        for s in steps:
-            n = s.item()
+        for n in torch.stack(steps).tolist():  # one read of all the step counts
             if n not in scalars:
                 scalars[n] = adam_scalars(lr, beta1, beta2, n)
             step_sizes.append(scalars[n][0])
