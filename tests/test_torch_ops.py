@@ -1,5 +1,6 @@
 """fastnn.torch's custom ops and functions: opcheck (schema, fake and autograd registrations), float64
 gradcheck, and agreement with torch's own functions on awkward shapes. Skipped where torch is absent."""
+import os
 import subprocess
 import sys
 
@@ -28,9 +29,12 @@ def live_mask(l, s, p=0.7, seed=0):
     return m
 
 
-def test_import_fastnn_does_not_import_torch():
+def test_import_fastnn_does_not_import_torch(tmp_path):
+    import fastnn
     code = "import sys, fastnn; assert 'torch' not in sys.modules, 'fastnn imported torch'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # from another directory, with the fastnn these tests import (not a source tree without its build)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastnn.__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
 
 
 def test_every_op_registered():
@@ -276,3 +280,30 @@ def test_errors():
         ft.softmax(x, 2)
     with pytest.raises(ValueError):
         ft.linear(x, rand(3, 5))
+
+
+def test_eager_calls_match_the_op_and_modes_see_the_op():
+    """Plain eager calls run the implementation without the dispatcher; under a dispatch mode (as in
+    tracing) the call goes through torch.ops.fastnn."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w = rand(4, 6, grad=True), rand(3, 6, grad=True)
+    eager = ft.linear(x, w, activation="relu")
+    eager.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    log = Log()
+    with log:
+        via_op = ft.linear(x, w, activation="relu")
+        via_op.sum().backward()
+    assert "fastnn.linear.default" in log.ops and "fastnn.linear_backward.default" in log.ops
+    assert torch.equal(eager, via_op) and torch.equal(x.grad, gx)
