@@ -33,13 +33,15 @@ CUDA_DTYPES = (torch.float32,)
 # ---- custom ops ----------------------------------------------------------------------------------------
 
 _IMPL = {}  # op name -> its Python implementation
+_DEFS = {}  # op name -> its CustomOpDef
 
 
 def _op(name: str):
     """Registers fn as the custom op torch.ops.fastnn.<name> (keeping fn for _call's direct path)."""
     def register(fn):
         _IMPL[name] = fn
-        return torch.library.custom_op(f"fastnn::{name}", fn, mutates_args=())
+        _DEFS[name] = torch.library.custom_op(f"fastnn::{name}", fn, mutates_args=())
+        return _DEFS[name]
     return register
 
 
@@ -49,7 +51,7 @@ _FUNCTION = {}  # op name -> a torch.autograd.Function with the op's implementat
 def _autograd(op, backward, setup_context) -> None:
     """Registers the op's autograd formula, and builds the same formula as an autograd.Function for _call."""
     op.register_autograd(backward, setup_context=setup_context)
-    name = op._name.split("::")[-1]
+    name = next(n for n, d in _DEFS.items() if d is op)
     impl = _IMPL[name]
 
     def forward(ctx, *args):  # the classic style: measured 3x cheaper per call than setup_context's

@@ -25,6 +25,14 @@ _TRACING = (FakeTensor, FunctionalTensor)
 _saved = None  # torch's functions while patched
 
 
+try:  # torch >= 2.4 takes the device type; older spellings kept for the CPU
+    torch.is_autocast_enabled("cpu")
+    _autocast = torch.is_autocast_enabled
+except TypeError:  # pragma: no cover - depends on the torch version
+    def _autocast(dev):
+        return torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_kernels() -> bool:
     import fastnn
@@ -47,7 +55,7 @@ def _kernel(t) -> bool:
         ok = t.dtype in _ops.CUDA_DTYPES and _cuda_kernels()
     else:
         return False
-    return ok and not torch.is_autocast_enabled(dev)
+    return ok and not _autocast(dev)
 
 
 def _same(first, *rest) -> bool:
