@@ -134,8 +134,23 @@ void softmax_backward(const py::array& g, const py::array& y, const py::array& o
   });
 }
 
+// Label checks shared by cross_entropy and its fast path: each label in [0, cols) or == ignore_index.
+// Returns the number of rows not ignored, or -1 at the first bad label.
+int64_t count_labels(const int64_t* lab, int64_t rows, int64_t cols, int64_t ignore_index) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (lab[i] == ignore_index) continue;
+    if (lab[i] < 0 || lab[i] >= cols) return -1;
+    ++kept;
+  }
+  return kept;
+}
+
+// Summed loss over the rows not ignored; grad = (softmax - onehot) * grad_scale (zero for ignored rows);
+// row_loss (None or a (rows,) array) receives each row's loss.
 double cross_entropy(const py::array& logits, const py::array_t<int64_t, py::array::c_style>& labels,
-                     const py::array& grad, int64_t cols, double grad_scale) {
+                     const py::array& grad, int64_t cols, double grad_scale, int64_t ignore_index,
+                     const py::object& row_loss) {
   return by_dtype(logits, "logits", [&](auto t) -> double {
     using T = decltype(t);
     const int64_t n = logits.size();
@@ -143,12 +158,12 @@ double cross_entropy(const py::array& logits, const py::array_t<int64_t, py::arr
     const int64_t rows = n / cols;
     const T* lp = contig<T>(logits, "logits", n);
     T* gp = contig<T>(grad, "grad", n, true);
+    T* rp = row_loss.is_none() ? nullptr : contig<T>(row_loss.cast<py::array>(), "row_loss", rows, true);
     if (labels.size() != rows) value_error("labels: expected one label per row");
     const int64_t* lab = labels.data();
-    for (int64_t i = 0; i < rows; ++i)
-      if (lab[i] < 0 || lab[i] >= cols) value_error("labels: value out of range");
+    if (count_labels(lab, rows, cols, ignore_index) < 0) value_error("labels: value out of range");
     py::gil_scoped_release nogil;
-    return ops<T>().cross_entropy(lp, lab, gp, rows, cols, T(grad_scale));
+    return ops<T>().cross_entropy(lp, lab, gp, rp, rows, cols, T(grad_scale), ignore_index);
   });
 }
 
@@ -386,32 +401,51 @@ py::object linear_fast(const py::array& x, const py::array& w, const py::object&
   });
 }
 
-// cross_entropy: logits plain (N, C) with N, C > 0, labels a C-contiguous int64 (N,) array all in [0, C);
-// returns (loss, grad).
-py::object cross_entropy_fast(const py::array& logits, const py::object& labels_obj) {
+// cross_entropy: logits plain (N, C) with N, C > 0, labels a C-contiguous int64 (N,) array all in [0, C) or
+// equal to ignore_index (a Python int), reduction the str "mean", "sum" or "none"; returns (loss, grad) as
+// fastnn.cross_entropy does.
+py::object cross_entropy_fast(const py::array& logits, const py::object& labels_obj, const py::object& reduction,
+                              const py::object& ignore_obj) {
   if (logits.ndim() != 2 || logits.shape(0) == 0 || logits.shape(1) == 0 ||
-      !py::isinstance<py::array_t<int64_t>>(labels_obj))
+      !py::isinstance<py::array_t<int64_t>>(labels_obj) || !PyLong_CheckExact(ignore_obj.ptr()) ||
+      !PyUnicode_Check(reduction.ptr()))
     return py::none();
+  int red;  // 0 mean, 1 sum, 2 none
+  if (reduction.equal(py::str("mean"))) red = 0;
+  else if (reduction.equal(py::str("sum"))) red = 1;
+  else if (reduction.equal(py::str("none"))) red = 2;
+  else return py::none();
+  int overflow = 0;
+  const long long ignore_index = PyLong_AsLongLongAndOverflow(ignore_obj.ptr(), &overflow);
+  if (overflow || (ignore_index == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return py::none();
+  }
   auto labels = py::reinterpret_borrow<py::array>(labels_obj);
   const int64_t rows = logits.shape(0), cols = logits.shape(1);
   if (!is_dtype<int64_t>(labels) || labels.ndim() != 1 || labels.shape(0) != rows ||
       !(labels.flags() & py::array::c_style) || !aligned(labels))
     return py::none();
   const int64_t* lab = static_cast<const int64_t*>(labels.data());
-  for (int64_t i = 0; i < rows; ++i)
-    if (lab[i] < 0 || lab[i] >= cols) return py::none();  // the general path names the bad label
+  const int64_t kept = count_labels(lab, rows, cols, ignore_index);
+  if (kept < 0) return py::none();  // the general path names the bad label
   return float_dispatch(logits, [&](auto t) -> py::object {
     using T = decltype(t);
     if (!plain<T>(logits)) return py::none();
     py::array_t<T> grad({rows, cols});
+    py::object row_loss = red == 2 ? py::object(py::array_t<T>(rows)) : py::object(py::none());
     const T* lp = static_cast<const T*>(logits.data());
     T* gp = grad.mutable_data();
+    T* rp = red == 2 ? data_of<T>(row_loss) : nullptr;
+    // mean: the loss and gradient are divided by the rows not ignored (none kept: NaN loss, zero gradient).
+    const double scale = red == 0 ? 1.0 / double(kept) : 1.0;
     double total;
     {
       py::gil_scoped_release nogil;
-      total = ops<T>().cross_entropy(lp, lab, gp, rows, cols, T(1.0 / double(rows)));
+      total = ops<T>().cross_entropy(lp, lab, gp, rp, rows, cols, T(scale), ignore_index);
     }
-    return py::make_tuple(total / double(rows), std::move(grad));
+    if (red == 2) return py::make_tuple(row_loss, std::move(grad));
+    return py::make_tuple(red == 0 ? total / double(kept) : total, std::move(grad));
   });
 }
 
@@ -515,6 +549,50 @@ void adam(const py::array& param, const py::array& grad, const py::array& exp_av
   });
 }
 
+// One Adam step over lists of tensors (one dtype): param, grad, exp_avg, exp_avg_sq and, for AMSGrad,
+// max_exp_avg_sq (None otherwise); step_sizes / bc2_sqrts per tensor (each tensor's own step). Each array
+// is C-contiguous and the updated ones writable; one parallel region runs over all of them.
+void adam_multi(const py::list& params, const py::list& grads, const py::list& exp_avgs,
+                const py::list& exp_avg_sqs, const py::object& max_exp_avg_sqs, double lr, double beta1, double beta2,
+                double eps, double weight_decay, const std::vector<double>& step_sizes,
+                const std::vector<double>& bc2_sqrts, bool decoupled, bool maximize) {
+  const size_t count = params.size();
+  py::list vmax;
+  if (!max_exp_avg_sqs.is_none()) vmax = max_exp_avg_sqs.cast<py::list>();
+  if (grads.size() != count || exp_avgs.size() != count || exp_avg_sqs.size() != count ||
+      step_sizes.size() != count || bc2_sqrts.size() != count || (!max_exp_avg_sqs.is_none() && vmax.size() != count))
+    value_error("adam_multi: every list must have one entry per param");
+  if (count == 0) return;
+  auto arr = [](const py::list& l, size_t i) { return l[i].cast<py::array>(); };
+  by_dtype(arr(params, 0), "params[0]", [&](auto t) {
+    using T = decltype(t);
+    std::vector<AdamArgs<T>> args(count);
+    std::vector<py::array> keep;  // holds the arrays (and their buffers) until the kernel returns
+    keep.reserve(count * 5);
+    for (size_t i = 0; i < count; ++i) {
+      AdamArgs<T>& a = args[i];
+      keep.push_back(arr(params, i));
+      a.n = keep.back().size();
+      a.param = contig<T>(keep.back(), "param", a.n, true);
+      keep.push_back(arr(grads, i));
+      a.grad = contig<T>(keep.back(), "grad", a.n);
+      keep.push_back(arr(exp_avgs, i));
+      a.exp_avg = contig<T>(keep.back(), "exp_avg", a.n, true);
+      keep.push_back(arr(exp_avg_sqs, i));
+      a.exp_avg_sq = contig<T>(keep.back(), "exp_avg_sq", a.n, true);
+      if (!max_exp_avg_sqs.is_none()) {
+        keep.push_back(arr(vmax, i));
+        a.max_exp_avg_sq = contig<T>(keep.back(), "max_exp_avg_sq", a.n, true);
+      }
+      a.lr = lr, a.beta1 = beta1, a.beta2 = beta2, a.eps = eps, a.weight_decay = weight_decay;
+      a.step_size = step_sizes[i], a.bias_correction2_sqrt = bc2_sqrts[i];
+      a.decoupled = decoupled, a.maximize = maximize;
+    }
+    py::gil_scoped_release nogil;
+    ops<T>().adam_multi(args.data(), int64_t(count));
+  });
+}
+
 // Measures the machine's limits with the ISA path in use: FMA peak (float32/float64) and the memory
 // bandwidth of the copy, in-place and Adam access patterns on ~256 MiB (far beyond the caches).
 py::dict machine_limits(int threads, bool quick) {
@@ -587,6 +665,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("sdpa", &sdpa);
   m.def("sdpa_backward", &sdpa_backward);
   m.def("adam", &adam);
+  m.def("adam_multi", &adam_multi);
   m.def("build_info", &build_info);
   m.def("machine_limits", &machine_limits, py::arg("threads"), py::arg("quick") = false);
   m.def("set_isa", [](const std::string& name) { return set_isa(name.c_str()); });

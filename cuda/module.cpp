@@ -78,7 +78,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("dx"), py::arg("rows"), py::arg("cols"), py::arg("log"), py::arg("stream"), py::arg("variant"));
   m.def("cross_entropy", &cross_entropy, py::arg("device"), py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("grad"), py::arg("row_loss"), py::arg("rows"), py::arg("cols"), py::arg("grad_scale"),
-        py::arg("stream"), py::arg("variant"));
+        py::arg("ignore_index"), py::arg("stream"), py::arg("variant"));
   m.def("gemm", &gemm, py::arg("device"), py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("c"),
         py::arg("a_off"), py::arg("b_off"), py::arg("batch"), py::arg("M"), py::arg("N"), py::arg("K"),
         py::arg("a_rs"), py::arg("a_cs"), py::arg("b_rs"), py::arg("b_cs"), py::arg("bias"), py::arg("relu"),

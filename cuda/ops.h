@@ -25,9 +25,10 @@ void softmax(int device, int dtype, uintptr_t x, uintptr_t y, int64_t rows, int6
 void softmax_backward(int device, int dtype, uintptr_t g, uintptr_t y, uintptr_t dx, int64_t rows, int64_t cols,
                       bool log, uintptr_t stream, int variant);
 // Per row r of logits (rows, cols): row_loss[r] (float32) = logsumexp(x_r) - x_r[label_r];
-// grad = (softmax(x_r) - onehot(label_r)) * grad_scale. labels: int64, already checked to lie in [0, cols).
+// grad = (softmax(x_r) - onehot(label_r)) * grad_scale; a row labelled ignore_index gets zero loss and
+// gradient. labels: int64, already checked to lie in [0, cols) or equal ignore_index.
 void cross_entropy(int device, int dtype, uintptr_t logits, uintptr_t labels, uintptr_t grad, uintptr_t row_loss,
-                   int64_t rows, int64_t cols, float grad_scale, uintptr_t stream, int variant);
+                   int64_t rows, int64_t cols, float grad_scale, int64_t ignore_index, uintptr_t stream, int variant);
 
 // c[z] (M, N contiguous, z < batch) = a[z] @ b[z] (+ bias[n]) (relu), float accumulation.
 // a[z][m][k] = a[a_off[z] + m * a_rs + k * a_cs], b likewise; a_off/b_off are device int64 arrays of

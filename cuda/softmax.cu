@@ -105,39 +105,53 @@ __global__ void softmax_backward_fast(const T* __restrict__ g, const T* __restri
 }
 
 // ---- cross-entropy -----------------------------------------------------------------------------------
-// row_loss[r] = m + log(s) - x[label] (= -log_softmax(x)[label]); grad = (exp(x - m) / s - onehot) * scale.
+// row_loss[r] = (m - x[label]) + log(s) (= -log_softmax(x)[label]; m + log(s) first would lose log(s) next
+// to a large m); grad = (exp(x - m) / s - onehot) * scale. A row labelled ignore_index gets zero loss and
+// zero gradient.
 template <typename T>
 __global__ void cross_entropy_plain(const T* __restrict__ x, const int64_t* __restrict__ labels, T* __restrict__ grad,
-                                    float* __restrict__ row_loss, int64_t rows, int64_t cols, float scale) {
+                                    float* __restrict__ row_loss, int64_t rows, int64_t cols, float scale,
+                                    int64_t ignore_index) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (r >= rows) return;
   const T* xr = x + r * cols;
   T* gr = grad + r * cols;
   const int64_t label = labels[r];
+  if (label == ignore_index) {
+    for (int64_t j = 0; j < cols; ++j) gr[j] = from_f<T>(0.f);
+    row_loss[r] = 0.f;
+    return;
+  }
   float m = -INFINITY, s = 0.f;
   // fmaxf drops a NaN, deliberately: it is carried by the sum s, which makes the row and the loss NaN.
   for (int64_t j = 0; j < cols; ++j) m = fmaxf(m, to_f(xr[j]));
   for (int64_t j = 0; j < cols; ++j) s += expf(to_f(xr[j]) - m);
   for (int64_t j = 0; j < cols; ++j) gr[j] = from_f<T>((expf(to_f(xr[j]) - m) / s - (j == label ? 1.f : 0.f)) * scale);
-  row_loss[r] = m + logf(s) - to_f(xr[label]);
+  row_loss[r] = (m - to_f(xr[label])) + logf(s);
 }
 
 template <typename T, bool kBlock>
 __global__ void cross_entropy_fast(const T* __restrict__ x, const int64_t* __restrict__ labels, T* __restrict__ grad,
-                                   float* __restrict__ row_loss, int64_t rows, int64_t cols, float scale) {
+                                   float* __restrict__ row_loss, int64_t rows, int64_t cols, float scale,
+                                   int64_t ignore_index) {
   __shared__ MaxSum scratch[32];
   const RowGroup<kBlock> g;
   if (g.row >= rows) return;
   const T* xr = x + g.row * cols;
   T* gr = grad + g.row * cols;
   const int64_t label = labels[g.row];
+  if (label == ignore_index) {  // uniform across the row's group: no thread reaches the reductions below
+    for (int64_t j = g.lane; j < cols; j += g.width) gr[j] = from_f<T>(0.f);
+    if (g.lane == 0) row_loss[g.row] = 0.f;
+    return;
+  }
   MaxSum ms{-INFINITY, 0.f};
   for (int64_t j = g.lane; j < cols; j += g.width) ms = maxsum_add(ms, to_f(xr[j]));
   ms = group_maxsum<kBlock>(ms, scratch);
   const float inv = 1.f / ms.s;
   for (int64_t j = g.lane; j < cols; j += g.width)
     gr[j] = from_f<T>((expf(to_f(xr[j]) - ms.m) * inv - (j == label ? 1.f : 0.f)) * scale);
-  if (g.lane == 0) row_loss[g.row] = ms.m + logf(ms.s) - to_f(xr[label]);
+  if (g.lane == 0) row_loss[g.row] = (ms.m - to_f(xr[label])) + logf(ms.s);
 }
 
 // ---- launchers ---------------------------------------------------------------------------------------
@@ -168,14 +182,17 @@ void launch_softmax_backward(const T* g, const T* y, T* dx, int64_t rows, int64_
 
 template <typename T>
 void launch_cross_entropy(const T* x, const int64_t* labels, T* grad, float* row_loss, int64_t rows, int64_t cols,
-                          float scale, cudaStream_t s, int variant) {
+                          float scale, int64_t ignore_index, cudaStream_t s, int variant) {
   if (variant == 0)
-    cross_entropy_plain<T><<<blocks_for(rows, 128), 128, 0, s>>>(x, labels, grad, row_loss, rows, cols, scale);
+    cross_entropy_plain<T><<<blocks_for(rows, 128), 128, 0, s>>>(x, labels, grad, row_loss, rows, cols, scale,
+                                                                  ignore_index);
   else if (cols <= kWarpCols)
     cross_entropy_fast<T, false><<<blocks_for(rows, kWarpThreads / 32), kWarpThreads, 0, s>>>(x, labels, grad, row_loss,
-                                                                                            rows, cols, scale);
+                                                                                            rows, cols, scale,
+                                                                                            ignore_index);
   else
-    cross_entropy_fast<T, true><<<blocks_for(rows, 1), kBlockThreads, 0, s>>>(x, labels, grad, row_loss, rows, cols, scale);
+    cross_entropy_fast<T, true><<<blocks_for(rows, 1), kBlockThreads, 0, s>>>(x, labels, grad, row_loss, rows, cols,
+                                                                             scale, ignore_index);
   FASTNN_CHECK_LAUNCH("cross_entropy");
 }
 
@@ -205,15 +222,15 @@ void softmax_backward(int device, int dtype, uintptr_t g, uintptr_t y, uintptr_t
 }
 
 void cross_entropy(int device, int dtype, uintptr_t logits, uintptr_t labels, uintptr_t grad, uintptr_t row_loss,
-                   int64_t rows, int64_t cols, float grad_scale, uintptr_t stream, int variant) {
+                   int64_t rows, int64_t cols, float grad_scale, int64_t ignore_index, uintptr_t stream, int variant) {
   if (rows <= 0 || cols <= 0) return;
   set_device("cross_entropy", device);
   if (dtype == kFloat32)
     launch_cross_entropy(as_ptr<const float>(logits), as_ptr<const int64_t>(labels), as_ptr<float>(grad),
-                         as_ptr<float>(row_loss), rows, cols, grad_scale, as_stream(stream), variant);
+                         as_ptr<float>(row_loss), rows, cols, grad_scale, ignore_index, as_stream(stream), variant);
   else
     launch_cross_entropy(as_ptr<const __half>(logits), as_ptr<const int64_t>(labels), as_ptr<__half>(grad),
-                         as_ptr<float>(row_loss), rows, cols, grad_scale, as_stream(stream), variant);
+                         as_ptr<float>(row_loss), rows, cols, grad_scale, ignore_index, as_stream(stream), variant);
 }
 
 }  // namespace fastnn::cuda

@@ -1,7 +1,7 @@
 # Type stub for the package: the public ops (fastnn/_ops.py), Adam and the runtime functions. An op takes
 # arrays of one type (numpy.ndarray, torch.Tensor, jax.Array, cupy.ndarray or any DLPack /
 # __cuda_array_interface__ array) and returns that type: the TypeVar A stands for it.
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, overload
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, Union, overload
 
 A = TypeVar("A")
 FloatArray = A
@@ -18,7 +18,8 @@ def softmax(x: FloatArray, axis: int = ..., *, out: Optional[FloatArray] = ...) 
 def log_softmax(x: FloatArray, axis: int = ..., *, out: Optional[FloatArray] = ...) -> FloatArray: ...
 def softmax_backward(grad_output: FloatArray, output: FloatArray, axis: int = ...) -> FloatArray: ...
 def log_softmax_backward(grad_output: FloatArray, output: FloatArray, axis: int = ...) -> FloatArray: ...
-def cross_entropy(logits: FloatArray, labels: IntArray) -> Tuple[float, FloatArray]: ...
+def cross_entropy(logits: FloatArray, labels: IntArray, *, reduction: str = ...,
+                  ignore_index: int = ...) -> Tuple[Union[float, FloatArray], FloatArray]: ...
 @overload
 def scaled_dot_product_attention(query: FloatArray, key: FloatArray, value: FloatArray,
                                  attn_mask: Optional[Any] = ..., dropout_p: float = ...,

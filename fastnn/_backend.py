@@ -100,10 +100,10 @@ class Cpu:
         _C.softmax_backward(g, y, out, y.shape[-1], log)
 
     @staticmethod
-    def cross_entropy(logits, labels, grad) -> float:
-        """Writes grad = (softmax - onehot) / N, returns the summed loss."""
-        n, c = logits.shape
-        return _C.cross_entropy(logits, labels, grad, c, 1.0 / n)
+    def cross_entropy(logits, labels, grad, scale, ignore_index, rows) -> float:
+        """Writes grad = (softmax - onehot) * scale (zero rows where the label is ignore_index) and, when
+        `rows` is an array, the per-row losses into it; returns the summed loss."""
+        return _C.cross_entropy(logits, labels, grad, logits.shape[1], scale, ignore_index, rows)
 
     @staticmethod
     def gemm(a, b, buf, a_off, b_off, M, N, K, ea, eb, bias, relu):

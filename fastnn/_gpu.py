@@ -205,11 +205,13 @@ class Cuda:
         self.cuda.softmax_backward(*self._args(y.dtype), g.data.ptr, y.data.ptr, out.data.ptr, y.size // n, n, log,
                                    self.stream, _variant)
 
-    def cross_entropy(self, logits, labels, grad) -> float:
+    def cross_entropy(self, logits, labels, grad, scale, ignore_index, rows) -> float:
         n, k = logits.shape
-        row_loss = self.cp.empty(n, self.cp.float32)
+        row_loss = self.cp.zeros(n, self.cp.float32)  # the kernel's per-row losses are float32
         self.cuda.cross_entropy(*self._args(logits.dtype), logits.data.ptr, labels.data.ptr, grad.data.ptr,
-                                row_loss.data.ptr, n, k, 1.0 / n, self.stream, _variant)
+                                row_loss.data.ptr, n, k, scale, ignore_index, self.stream, _variant)
+        if rows is not None:
+            rows[...] = row_loss
         return float(row_loss.sum(dtype=self.cp.float64))
 
     def gemm(self, a, b, buf, a_off, b_off, M, N, K, ea, eb, bias, relu):

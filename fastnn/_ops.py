@@ -487,21 +487,44 @@ def log_softmax_backward(grad_output, output, axis=-1):
     return _softmax_backward(grad_output, output, axis, True, "log_softmax_backward")
 
 
-def cross_entropy(logits, labels):
-    """Mean negative log-likelihood and its gradient, in one fused pass.
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _cross_entropy_args(reduction, ignore_index) -> Tuple[str, int]:
+    """Checked (reduction, ignore_index) of a cross_entropy call."""
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: {ignore_index} does not fit in int64")
+    return reduction, ignore_index
+
+
+def cross_entropy(logits, labels, *, reduction="mean", ignore_index=-100):
+    """Negative log-likelihood of softmax(logits) at the labels, and its gradient, in one fused pass
+    (torch.nn.functional.cross_entropy's reduction and ignore_index).
 
     logits: (N, C) float32/float64 (float16 too on the GPU); labels: (N,) int32 or int64 with values in
-    [0, C). Returns (loss, grad): loss a Python float (mean over the N rows; NaN when N == 0), grad (N, C)
-    = (softmax(logits) - onehot(labels)) / N. A label outside [0, C) is a ValueError. (Checking the labels
-    synchronizes on the GPU.)
+    [0, C) or equal to ignore_index (default -100; those rows get zero loss and zero gradient and do not
+    count). reduction: "mean" (default: the mean over the rows not ignored; NaN when there are none),
+    "sum", or "none" (the per-row losses).
+    Returns (loss, grad): loss a Python float ("mean", "sum") or an (N,) array of the logits' dtype
+    ("none"); grad (N, C) is the gradient of the loss ("none": of the summed per-row losses, so row i
+    times the upstream gradient of loss[i] gives the chain rule) = (softmax(logits) - onehot(labels))
+    divided by the number of rows not ignored for "mean". A label outside [0, C) that is not
+    ignore_index is a ValueError (checking the labels synchronizes on the GPU); a bad reduction a
+    ValueError, a non-int ignore_index a TypeError.
     """
     if type(logits) is _ndarray:
-        r = _C.cross_entropy_fast(logits, labels)
+        r = _C.cross_entropy_fast(logits, labels, reduction, ignore_index)
         if r is not None:
             return r
     bk, (logits, labels) = adopt("cross_entropy", {"logits": logits, "labels": labels})
-    if bk.fast and (r := _C.cross_entropy_fast(logits, labels)) is not None:
+    if bk.fast and (r := _C.cross_entropy_fast(logits, labels, reduction, ignore_index)) is not None:
         return bk.wrap(r)
+    reduction, ignore_index = _cross_entropy_args(reduction, ignore_index)
     _floats(bk, logits, "logits")
     if labels.dtype not in _INTS:
         raise TypeError(f"labels: expected dtype int32 or int64, got {labels.dtype}")
@@ -512,15 +535,28 @@ def cross_entropy(logits, labels):
         raise ValueError(f"labels: expected shape ({n},) to match logits {logits.shape}, got {labels.shape}")
     with bk.scope():
         grad = bk.xp.empty((n, c), logits.dtype)
-        if n == 0:
-            return float("nan"), bk.wrap(grad)
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= c:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"labels: value {bad} is out of range; expected 0 <= label < {c}")
-        lab = contiguous(bk, labels.astype(np.int64, copy=False))
-        total = bk.cross_entropy(contiguous(bk, logits), lab, grad)
-        return total / n, bk.wrap(grad)
+        rows = bk.xp.zeros(n, logits.dtype) if reduction == "none" else None
+        kept = labels != ignore_index
+        count = int(kept.sum())
+        if count:
+            kept_labels = labels[kept]
+            lo, hi = int(kept_labels.min()), int(kept_labels.max())
+            if lo < 0 or hi >= c:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"labels: value {bad} is out of range; expected 0 <= label < {c} "
+                                 f"(or ignore_index={ignore_index})")
+        if n and c:
+            lab = contiguous(bk, labels.astype(np.int64, copy=False))
+            scale = 1.0 / count if reduction == "mean" and count else 1.0
+            total = bk.cross_entropy(contiguous(bk, logits), lab, grad, scale, ignore_index, rows)
+        else:  # C == 0 with rows not ignored was refused above (every label out of range)
+            total = 0.0
+            grad.fill(0)
+        if reduction == "none":
+            return bk.wrap((rows, grad))
+        if reduction == "sum":
+            return total, bk.wrap(grad)
+        return (total / count if count else float("nan")), bk.wrap(grad)
 
 
 # ---- attention ------------------------------------------------------------------------------------

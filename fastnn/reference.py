@@ -67,25 +67,34 @@ def softmax_backward(grad_output, output, axis=-1):
     return y * (g - np.sum(g * y, axis=axis, keepdims=True))
 
 
-def cross_entropy(logits, labels):
-    """Mean negative log-likelihood over N rows and its gradient w.r.t. logits.
+def cross_entropy(logits, labels, *, reduction="mean", ignore_index=-100):
+    """Negative log-likelihood over N rows and its gradient w.r.t. logits (torch's reduction, ignore_index).
 
-    logits (N, C), integer labels (N,). Returns (loss as float, grad (N, C)),
-    grad = (softmax(logits) - onehot(labels)) / N.
+    logits (N, C), integer labels (N,) in [0, C) or == ignore_index (zero loss and gradient, not counted).
+    Returns (loss, grad): loss a float ("mean" over the rows kept, NaN if none; "sum") or the (N,) per-row
+    losses ("none"); grad (N, C) = (softmax(logits) - onehot(labels)) / (rows kept for "mean", else 1).
     """
     logits, labels = np.asarray(logits), np.asarray(labels)
     n, c = logits.shape
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
-    if n and (labels.min() < 0 or labels.max() >= c):
+    kept = labels != ignore_index
+    if kept.any() and (labels[kept].min() < 0 or labels[kept].max() >= c):
         raise ValueError(f"labels must lie in [0, {c})")
-    rows = np.arange(n)
-    logp = log_softmax(logits, axis=1)
-    loss = -np.sum(logp[rows, labels]) / n if n else float("nan")
-    grad = softmax(logits, axis=1)
-    grad[rows, labels] -= 1
-    grad /= max(n, 1)
-    return float(loss), grad
+    rows = np.arange(n)[kept]
+    lab = labels[kept]
+    row_loss = np.zeros(n, logits.dtype)
+    grad = np.zeros_like(logits)
+    if rows.size:
+        row_loss[rows] = -log_softmax(logits[rows], axis=1)[np.arange(rows.size), lab]
+        grad[rows] = softmax(logits[rows], axis=1)
+        grad[rows, lab] -= 1
+    if reduction == "none":
+        return row_loss, grad
+    if reduction == "sum":
+        return float(np.sum(row_loss)), grad
+    count = rows.size
+    return (float(np.sum(row_loss)) / count if count else float("nan")), grad / max(count, 1)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,

@@ -235,3 +235,47 @@ def test_amsgrad_maximum_propagates_nan(isa, dtype, nan_in):
     fastnn.adam_update(p, g, m, v, step=2, lr=1e-2, max_exp_avg_sq=vmax)
     assert np.isnan(vmax[1]) and np.isnan(p[1])
     assert np.isfinite(np.delete(vmax, 1)).all() and np.isfinite(np.delete(p, 1)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("wd,decoupled,maximize,amsgrad", OPTIONS, ids=OPTION_IDS)
+def test_adam_multi_equals_per_tensor(rng, dtype, threads, wd, decoupled, maximize, amsgrad):
+    """The multi-tensor binding (fastnn.torch's optimizers) is the same arithmetic as adam_update on each
+    tensor, bit for bit: sizes around the 32768-element chunk, empty, odd; one step count per tensor."""
+    from fastnn import _C
+    from fastnn._ops import adam_scalars
+    sizes, steps = [0, 1, 17, 32767, 32768, 32769, 100_003], [1, 2, 3, 5, 8, 13, 21]
+    multi = [make_state(rng, (n,), dtype, amsgrad) for n in sizes]
+    single = [tuple(None if a is None else a.copy() for a in s) for s in multi]
+    grads = [random_grad(rng, (n,), dtype) for n in sizes]
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
+    for (p, m, v, vmax), g, step in zip(single, grads, steps):
+        fastnn.adam_update(p, g, m, v, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                           decoupled_weight_decay=decoupled, maximize=maximize, max_exp_avg_sq=vmax)
+    scal = [adam_scalars(lr, b1, b2, s) for s in steps]
+    before = fastnn.get_num_threads()
+    fastnn.set_num_threads(threads)
+    try:
+        _C.adam_multi([s[0] for s in multi], grads, [s[1] for s in multi], [s[2] for s in multi],
+                      [s[3] for s in multi] if amsgrad else None, lr, b1, b2, eps, wd, [c[0] for c in scal],
+                      [c[1] for c in scal], decoupled, maximize)
+    finally:
+        fastnn.set_num_threads(before)
+    for got, want in zip(multi, single):
+        for a, b in zip(got, want):
+            if b is not None:
+                np.testing.assert_array_equal(a, b)
+
+
+def test_adam_multi_checks():
+    from fastnn import _C
+    p = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="one entry per param"):
+        _C.adam_multi([p], [p.copy()], [p.copy()], [], None, 1e-3, 0.9, 0.999, 1e-8, 0.0, [1.0], [1.0], False, False)
+    with pytest.raises(TypeError):
+        _C.adam_multi([p], [np.zeros(4)], [p.copy()], [p.copy()], None, 1e-3, 0.9, 0.999, 1e-8, 0.0, [1.0], [1.0],
+                      False, False)
+    with pytest.raises(ValueError, match="elements"):
+        _C.adam_multi([p], [np.zeros(3, np.float32)], [p.copy()], [p.copy()], None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                      [1.0], [1.0], False, False)

@@ -127,3 +127,48 @@ def test_cross_entropy_errors():
         fastnn.cross_entropy(logits.astype(np.int32), labels)
     with pytest.raises(TypeError, match="logits"):
         fastnn.cross_entropy(logits.astype(np.float16), labels)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [-100, 0, 3])
+@pytest.mark.parametrize("n,c", [(1, 1), (7, 5), (33, 65), (255, 3), (5, 1025)])
+def test_cross_entropy_reduction_ignore_index(rng, dtype, reduction, ignore_index, n, c):
+    logits = make_array(rng, (n, c), dtype)
+    labels = rng.integers(0, c, size=n)
+    labels[rng.random(n) < 0.3] = ignore_index
+    keep = Unchanged(logits, labels)
+    loss, grad = fastnn.cross_entropy(logits, labels, reduction=reduction, ignore_index=ignore_index)
+    keep.check()
+    ref_loss, ref_grad = ref.cross_entropy(f64(logits), labels, reduction=reduction, ignore_index=ignore_index)
+    if reduction == "none":
+        assert loss.dtype == dtype and loss.shape == (n,)
+    else:
+        assert isinstance(loss, float)
+    np.testing.assert_allclose(np.asarray(loss), np.asarray(ref_loss), rtol=50 * c * np.finfo(dtype).eps,
+                               atol=50 * c * np.finfo(dtype).eps)
+    assert_close(grad, ref_grad, dtype, k=c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_all_ignored(dtype):
+    logits = np.ones((3, 4), dtype)
+    labels = np.full(3, -100, np.int64)
+    loss, grad = fastnn.cross_entropy(logits, labels)  # torch: NaN (0 / 0) and a zero gradient
+    assert np.isnan(loss) and not grad.any()
+    assert fastnn.cross_entropy(logits, labels, reduction="sum")[0] == 0.0
+    row, grad = fastnn.cross_entropy(logits, labels, reduction="none")
+    assert not row.any() and not grad.any()
+    # C == 0 is valid when every row is ignored
+    loss, grad = fastnn.cross_entropy(np.ones((2, 0), dtype), np.full(2, 7), ignore_index=7, reduction="sum")
+    assert loss == 0.0 and grad.shape == (2, 0)
+
+
+def test_cross_entropy_reduction_errors():
+    logits, labels = np.zeros((2, 3), np.float32), np.zeros(2, np.int64)
+    with pytest.raises(ValueError, match="reduction"):
+        fastnn.cross_entropy(logits, labels, reduction="avg")
+    with pytest.raises(TypeError, match="ignore_index"):
+        fastnn.cross_entropy(logits, labels, ignore_index=1.5)
+    with pytest.raises(ValueError, match="ignore_index=-1"):
+        fastnn.cross_entropy(logits, np.array([0, -2]), ignore_index=-1)

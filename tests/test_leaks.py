@@ -91,7 +91,7 @@ def groups():
             lambda: fastnn.cross_entropy(x, labels),
             lambda: expect(ValueError, fastnn.softmax, x, axis=2),
             lambda: expect(ValueError, fastnn.cross_entropy, x, bad_labels),
-            lambda: expect(ValueError, _C.cross_entropy, x, bad_labels, g.copy(), 130, 1.0),
+            lambda: expect(ValueError, _C.cross_entropy, x, bad_labels, g.copy(), 130, 1.0, -100, None),
             lambda: expect(ValueError, _C.softmax, x, ro, 130, False),
         ],
         "attention": [

@@ -75,14 +75,18 @@ template <typename T> struct OpTable {
   void (*softmax)(const T* x, T* y, int64_t rows, int64_t cols, bool log);
   // grad_in = y * (g - sum(g * y)) (softmax) or g - exp(y) * sum(g) (log_softmax, y = log-probs).
   void (*softmax_backward)(const T* g, const T* y, T* out, int64_t rows, int64_t cols, bool log);
-  // Returns the summed loss; writes grad = (softmax - onehot) * grad_scale. labels are validated.
-  double (*cross_entropy)(const T* logits, const int64_t* labels, T* grad, int64_t rows, int64_t cols,
-                          T grad_scale);
+  // Returns the summed loss of the rows whose label is not ignore_index; writes grad = (softmax - onehot)
+  // * grad_scale and, when row_loss is not null, each row's loss (ignored rows: zero loss and gradient).
+  // labels are validated (in [0, cols) or ignore_index).
+  double (*cross_entropy)(const T* logits, const int64_t* labels, T* grad, T* row_loss, int64_t rows, int64_t cols,
+                          T grad_scale, int64_t ignore_index);
   void (*gemm)(const GemmArgs<T>& args);
   void (*gemm_naive)(const GemmArgs<T>& args);  // the plain triple loop, for tests
   void (*sdpa)(const SdpaArgs<T>& args);
   void (*sdpa_backward)(const SdpaBackwardArgs<T>& args);
   void (*adam)(const AdamArgs<T>& args);
+  // One step over `count` tensors (torch's multi-tensor fused Adam): threads take chunks of all of them.
+  void (*adam_multi)(const AdamArgs<T>* args, int64_t count);
 };
 
 struct KernelTable {

@@ -11,11 +11,13 @@ template <typename T> void exp_array(const T* x, T* y, int64_t n);
 template <typename T> void softmax(const T* x, T* y, int64_t rows, int64_t cols, bool log);
 template <typename T> void softmax_backward(const T* g, const T* y, T* out, int64_t rows, int64_t cols, bool log);
 template <typename T>
-double cross_entropy(const T* logits, const int64_t* labels, T* grad, int64_t rows, int64_t cols, T grad_scale);
+double cross_entropy(const T* logits, const int64_t* labels, T* grad, T* row_loss, int64_t rows, int64_t cols,
+                     T grad_scale, int64_t ignore_index);
 template <typename T> void gemm(const GemmArgs<T>& args);
 template <typename T> void sdpa(const SdpaArgs<T>& args);
 template <typename T> void sdpa_backward(const SdpaBackwardArgs<T>& args);
 template <typename T> void adam(const AdamArgs<T>& args);
+template <typename T> void adam_multi(const AdamArgs<T>* args, int64_t count);
 
 double probe_peak_gflops(int threads, bool f64);
 double probe_bandwidth_gbs(int pattern, int threads, int64_t bytes, int reps);

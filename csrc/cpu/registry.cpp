@@ -17,6 +17,7 @@ template <typename T> static OpTable<T> make_table() {
   t.sdpa = sdpa<T>;
   t.sdpa_backward = sdpa_backward<T>;
   t.adam = adam<T>;
+  t.adam_multi = adam_multi<T>;
   return t;
 }
 

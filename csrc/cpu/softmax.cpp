@@ -4,6 +4,7 @@
 // long rows are written with non-temporal stores (as in elementwise.cpp): the destination is never read,
 // which saves a third of the memory traffic; softmax and cross_entropy then keep pass 2's exponentials in
 // a per-thread scratch row (L1/L2) instead of the output.
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <new>
@@ -211,7 +212,8 @@ template <typename T> void softmax_backward(const T* g, const T* y, T* out, int6
 }
 
 template <typename T>
-double cross_entropy(const T* logits, const int64_t* labels, T* grad, int64_t rows, int64_t cols, T grad_scale) {
+double cross_entropy(const T* logits, const int64_t* labels, T* grad, T* row_loss, int64_t rows, int64_t cols,
+                     T grad_scale, int64_t ignore_index) {
   const int64_t grain = row_grain(cols);
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(num_threads(), rows / grain));
   const bool stream = stream_rows<T>(rows, cols);
@@ -221,14 +223,22 @@ double cross_entropy(const T* logits, const int64_t* labels, T* grad, int64_t ro
     for (int64_t t = tb; t < te; ++t) {
       double loss = 0;
       produce_rows(grad, rows * t / nt, rows * (t + 1) / nt, cols, stream, [&](int64_t r, T* dst) {
+        const int64_t label = labels[r];
+        if (label == ignore_index) {  // torch's ignore_index: no loss, zero gradient
+          if (row_loss) row_loss[r] = T(0);
+          std::fill(dst, dst + cols, T(0));
+          return T(1);
+        }
         const T* xr = logits + r * cols;
         const T m = row_max(xr, cols);
         const T s = row_exp_sum(xr, dst, cols, m);
         // (m - x[label]) + log(s): m + log(s) first would lose log(s) next to a large m.
-        loss += (double(m) - double(xr[labels[r]])) + double(std::log(s));
+        const double l = (double(m) - double(xr[label])) + double(std::log(s));
+        loss += l;
+        if (row_loss) row_loss[r] = T(l);
         const T f = grad_scale / s;
         row_map(dst, dst, cols, false, [sv = vset<T>(f)](Vec<T> v) { return v * sv; });
-        dst[labels[r]] -= grad_scale;
+        dst[label] -= grad_scale;
         return T(1);
       });
       partial[static_cast<size_t>(t) * 8] = loss;
@@ -244,7 +254,8 @@ template void softmax<float>(const float*, float*, int64_t, int64_t, bool);
 template void softmax<double>(const double*, double*, int64_t, int64_t, bool);
 template void softmax_backward<float>(const float*, const float*, float*, int64_t, int64_t, bool);
 template void softmax_backward<double>(const double*, const double*, double*, int64_t, int64_t, bool);
-template double cross_entropy<float>(const float*, const int64_t*, float*, int64_t, int64_t, float);
-template double cross_entropy<double>(const double*, const int64_t*, double*, int64_t, int64_t, double);
+template double cross_entropy<float>(const float*, const int64_t*, float*, float*, int64_t, int64_t, float, int64_t);
+template double cross_entropy<double>(const double*, const int64_t*, double*, double*, int64_t, int64_t, double,
+                                      int64_t);
 
 }  // namespace fastnn::cpu::FASTNN_ISA

@@ -1,0 +1,100 @@
+"""torch.compile(fullgraph=True) of models built from fastnn.torch's ops, called directly or through
+fastnn.torch.patch(): one graph (no break), fastnn's ops in it, the eager results and gradients.
+The models are tiny: compilation time dominates. Skipped where torch is absent."""
+import contextlib
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="fastnn.torch needs PyTorch (pip install 'fastnn[torch]')")
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fastnn.torch as ft  # noqa: E402
+
+
+class Direct(nn.Module):
+    """fastnn.torch's functions and Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = ft.Linear(8, 16, activation="relu")
+        self.l2 = ft.Linear(16, 4)
+
+    def forward(self, x, t):
+        h = self.l1(x)
+        q = h.view(2, 2, -1, 4)
+        a = ft.scaled_dot_product_attention(q, q, q, is_causal=True).reshape(h.shape)
+        z = ft.relu(ft.matmul(a, self.l1.weight))
+        return ft.cross_entropy(self.l2(ft.log_softmax(a, -1) + ft.softmax(a, 0)) + z[:, :4], t, ignore_index=1)
+
+
+class Plain(nn.Module):
+    """Plain PyTorch code: fastnn only through the patch."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 4)
+
+    def forward(self, x, t):
+        h = F.relu(self.l1(x))
+        q = h.view(2, 2, -1, 4)
+        a = F.scaled_dot_product_attention(q, q, q, is_causal=True).reshape(h.shape)
+        return nn.CrossEntropyLoss()(self.l2(F.log_softmax(a, dim=-1) + F.softmax(a, dim=0)), t)
+
+
+def recording():
+    """aot_eager that records the forward and backward graphs AOT autograd produces (fastnn's ops appear
+    there as torch.ops.fastnn.*, whatever Python function dynamo traced them through)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record), graphs
+
+
+def run(model, compiled, x, t):
+    loss = compiled(x, t)
+    model.zero_grad()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def check(model_cls, backend_name, patch):
+    """backend_name None: aot_eager, recording the graphs."""
+    torch.manual_seed(0)
+    model = model_cls().double()
+    x, t = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    torch._dynamo.reset()
+    backend, graphs = recording() if backend_name is None else (backend_name, None)
+    with ft.patched() if patch else contextlib.nullcontext():
+        eager_loss, eager_grads = run(model, model, x, t)
+        compiled_loss, compiled_grads = run(model, torch.compile(model, backend=backend, fullgraph=True), x, t)
+    if graphs is not None:
+        assert len(graphs) == 2, "expected one forward and one backward graph"
+        fw, bw = graphs
+        for op in ("linear", "relu", "scaled_dot_product_attention", "cross_entropy", "log_softmax", "softmax"):
+            assert f"torch.ops.fastnn.{op}.default" in fw, f"fastnn.{op} is not in the compiled forward graph"
+        for op in ("linear_backward", "scaled_dot_product_attention_backward", "log_softmax_backward"):
+            assert f"torch.ops.fastnn.{op}.default" in bw, f"fastnn.{op} is not in the compiled backward graph"
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_compile_direct_aot_eager():
+    check(Direct, None, patch=False)
+
+
+def test_compile_patched_aot_eager():
+    check(Plain, None, patch=True)
+    assert not ft.is_patched()
+
+
+def test_compile_patched_inductor():
+    """The default backend (inductor) once, on the patched plain model."""
+    check(Plain, "inductor", patch=True)
