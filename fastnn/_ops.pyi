@@ -1,11 +1,13 @@
 # Type stub for the public ops (re-exported by fastnn/__init__.py). Arrays are float32 or float64.
-from typing import Literal, Optional, Tuple, overload
+from typing import Literal, Optional, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.floating]
 IntArray = npt.NDArray[np.integer]
+RngState = Tuple[int, int]   # (seed, offset) of the attention dropout's Philox stream
+Rng = Union[None, int, np.random.Generator, RngState]
 
 def matmul(a: FloatArray, b: FloatArray, *, out: Optional[FloatArray] = ...) -> FloatArray: ...
 def linear(x: FloatArray, weight: FloatArray, bias: Optional[FloatArray] = ..., *,
@@ -21,16 +23,18 @@ def cross_entropy(logits: FloatArray, labels: IntArray) -> Tuple[float, FloatArr
 def scaled_dot_product_attention(query: FloatArray, key: FloatArray, value: FloatArray,
                                  attn_mask: Optional[npt.NDArray] = ..., dropout_p: float = ...,
                                  is_causal: bool = ..., scale: Optional[float] = ..., enable_gqa: bool = ...,
-                                 *, return_lse: Literal[False] = ...) -> FloatArray: ...
+                                 *, return_lse: Literal[False] = ..., rng: Rng = ...) -> FloatArray: ...
 @overload
 def scaled_dot_product_attention(query: FloatArray, key: FloatArray, value: FloatArray,
                                  attn_mask: Optional[npt.NDArray] = ..., dropout_p: float = ...,
                                  is_causal: bool = ..., scale: Optional[float] = ..., enable_gqa: bool = ...,
-                                 *, return_lse: Literal[True]) -> Tuple[FloatArray, FloatArray]: ...
+                                 *, return_lse: Literal[True], rng: Rng = ...
+                                 ) -> Union[Tuple[FloatArray, FloatArray], Tuple[FloatArray, FloatArray, RngState]]: ...
 def scaled_dot_product_attention_backward(
     grad_output: FloatArray, query: FloatArray, key: FloatArray, value: FloatArray, output: FloatArray,
     lse: FloatArray, attn_mask: Optional[npt.NDArray] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
-    enable_gqa: bool = ...) -> Tuple[FloatArray, FloatArray, FloatArray]: ...
+    enable_gqa: bool = ..., *, dropout_p: float = ..., rng_state: Optional[RngState] = ...
+) -> Tuple[FloatArray, FloatArray, FloatArray]: ...
 def adam_update(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *, step: int,
                 lr: float = ..., beta1: float = ..., beta2: float = ..., eps: float = ...,
                 weight_decay: float = ..., decoupled_weight_decay: bool = ..., maximize: bool = ...,

@@ -8,6 +8,12 @@
 // runs down the columns with the queries in the vector lanes (no horizontal reductions); and
 // O += P V reads P^T in place as the A operand. (Scores as Q K^T instead needed K^T packed for every
 // query block, a strided gather that took a fifth of the time.)
+//
+// Dropout (SdpaArgs::dropout): the softmax sum l takes every probability, the dropped ones are then zeroed
+// in the tile before P V (forward) or before the gradient products (backward, which regenerates the same
+// bits), and 1 / (1 - p) scales the output. The bits depend on (seed, offset, head, query, key) only, so
+// the result is independent of tiling and threads. Key tiles start at multiples of 4 (one Philox call
+// covers 4 keys of a query; the queries are in the vector lanes).
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -16,6 +22,7 @@
 #include "cpu/gemm_kernel.h"
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
+#include "cpu/philox.h"
 #include "cpu/simd.h"
 
 namespace fastnn::cpu::FASTNN_ISA {
@@ -25,6 +32,34 @@ namespace {
 constexpr int64_t kBq = 8 * kMR;  // queries per block: whole A panels (backward); a multiple of NR and of the lanes
 template <typename T> constexpr int64_t kBc = 4 * kNR<T>;  // keys per block in the backward: whole B panels
 constexpr int64_t kFc = 16 * kMR;  // keys per block in the forward: whole A panels of K
+
+static_assert(kFc % 4 == 0, "dropout: forward key tiles must start at multiples of 4");
+
+// Zeroes the lanes of kU32Lanes consecutive values where keep is 0.
+FASTNN_INLINE void drop_lanes(float* p, I32Vec keep) { vstore(p, keep ? vload(p) : Vec<float>{}); }
+FASTNN_INLINE void drop_lanes(double* p, I32Vec keep) {
+  typedef int32_t Half __attribute__((vector_size(FASTNN_VEC_BYTES / 2)));
+  Half h[2];
+  std::memcpy(h, &keep, sizeof keep);
+  for (int k = 0; k < 2; ++k) {
+    const IVec<double> m = __builtin_convertvector(h[k], IVec<double>);
+    double* q = p + k * kLanes<double>;
+    vstore(q, m ? vload(q) : Vec<double>{});
+  }
+}
+
+// Dropout on the P^T tile of keys k0 .. k0 + bc (rows, stride ld) and queries q0 .. q0 + nq (columns,
+// nq a multiple of kU32Lanes) of head b.
+template <typename T>
+void dropout_tile_t(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t nq, int64_t k0, int64_t bc, T* St,
+                    int64_t ld) {
+  for (int64_t i = 0; i < nq; i += kU32Lanes)
+    for (int64_t j = 0; j < bc; j += 4) {
+      I32Vec keep[4];
+      dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
+      for (int64_t u = 0; u < 4 && j + u < bc; ++u) drop_lanes(St + (j + u) * ld + i, keep[u]);
+    }
+}
 
 template <typename T> struct SdpaWorkspace {
   int64_t ev_pad;
@@ -154,6 +189,7 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
       vstore(m + i, m_new);
       vstore(alpha + i, al);
     }
+    if (a.dropout) dropout_tile_t(a, b, q0, round_up(bq, kU32Lanes), k0, bc, St, ld);
     for (int64_t i = 0; i < bq; ++i) {
       if (alpha[i] == T(1)) continue;
       T* o = Ob + i * ldo;
@@ -175,7 +211,7 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
   for (int64_t i = 0; i < bq; ++i) {
     // No allowed key (l == 0): zeros, not NaN. A NaN score makes l NaN and the row NaN, as in the oracle.
     const bool empty = l[i] == T(0);
-    const T inv = empty ? T(0) : T(1) / l[i];
+    const T inv = empty ? T(0) : (a.dropout ? T(a.keep_scale) : T(1)) / l[i];
     const T* o = Ob + i * ldo;
     for (int64_t c = 0; c < Ev; ++c) out[i * Ev + c] = empty ? T(0) : o[c] * inv;
     if (a.lse) a.lse[b * a.L + q0 + i] = empty ? ninf : m[i] + std::log(l[i]);
@@ -208,10 +244,28 @@ template void sdpa<double>(const SdpaArgs<double>&);
 //   dV_j += P^T dO,  dK_j += dS^T Q,  dQ_i += dS K_j
 // dK_j and dV_j accumulate in the workspace over all query blocks; dQ accumulates in the output.
 // Threads take whole heads, so no two threads write the same gradient.
+// Dropout, with Z = keep / (1 - p) the regenerated mask: dV_j += (P * Z)^T dO and dS = scale * P * (dP * Z - D)
+// (D = dO . O still: the output already holds the dropout).
+
+static_assert(kBc<float> % 4 == 0 && kBc<double> % 4 == 0, "dropout: backward key tiles must start at multiples of 4");
+
+// Z[i * ldz + j] = keep_scale or 0: the dropout factors of queries q0 .. q0 + bq and keys k0 .. k0 + bc of head b.
+template <typename T>
+void dropout_factors(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, T* Z,
+                     int64_t ldz) {
+  const T ks = T(a.keep_scale);
+  for (int64_t i = 0; i < bq; i += kU32Lanes)
+    for (int64_t j = 0; j < bc; j += 4) {
+      I32Vec keep[4];
+      dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
+      for (int64_t u = 0; u < 4 && j + u < bc; ++u)
+        for (int64_t l = 0; l < kU32Lanes && i + l < bq; ++l) Z[(i + l) * ldz + j + u] = keep[u][l] ? ks : T(0);
+    }
+}
 
 template <typename T> struct SdpaBackwardWorkspace {
   int64_t e_pad, ev_pad;
-  AlignedBuffer qp, kt, vt, p, dp, pt, dop, qb, dsp, kb, dk, dv;
+  AlignedBuffer qp, kt, vt, p, dp, pt, dop, qb, dsp, kb, dk, dv, z;
   std::vector<T> d;
   SdpaBackwardWorkspace(int64_t L, int64_t E, int64_t Ev)
       : e_pad(round_up(std::max<int64_t>(E, 1), kNR<T>)),
@@ -228,6 +282,7 @@ template <typename T> struct SdpaBackwardWorkspace {
         kb(sizeof(T) * kBc<T> * e_pad),                    // K_j as B panels (kc = bc)
         dk(sizeof(T) * kBc<T> * e_pad),
         dv(sizeof(T) * kBc<T> * ev_pad),
+        z(sizeof(T) * kBq * kBc<T>),                       // dropout factors (row stride kBc)
         d(std::max<int64_t>(L, 1)) {}
 };
 
@@ -256,6 +311,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
   T* Kb = static_cast<T*>(ws.kb.p);
   T* dKa = static_cast<T*>(ws.dk.p);
   T* dVa = static_cast<T*>(ws.dv.p);
+  T* Z = static_cast<T*>(ws.z.p);
   const int64_t lde = ws.e_pad, ldev = ws.ev_pad;
   T* D = ws.d.data();
 
@@ -281,6 +337,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
       mask_scores<T>(a, b, q0, bq, k0, bc, P, Bc, int64_t(1));
       pack_a(dO + q0 * Ev, Ev, int64_t(1), bq, Ev, dOp);
       gemm_packed(dOp, Vt, bq, bc, Ev, dP, Bc, false);
+      if (a.dropout) dropout_factors(a, b, q0, bq, k0, bc, Z, Bc);
       for (int64_t i = 0; i < bq; ++i) {
         const T l = lse[q0 + i], di = D[q0 + i];
         T* pr = P + i * Bc;
@@ -291,6 +348,20 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
         }
         const Vec<T> lv = vset<T>(l), dv = vset<T>(di), sv = vset<T>(a.scale);
         int64_t j = 0;
+        if (a.dropout) {
+          const T* zr = Z + i * Bc;
+          for (; j + W <= bc; j += W) {
+            const Vec<T> pj = vexp(vload(pr + j) - lv), zj = vload(zr + j);
+            vstore(pr + j, pj * zj);
+            vstore(dr + j, sv * pj * (vload(dr + j) * zj - dv));
+          }
+          for (; j < bc; ++j) {
+            const T pj = std::exp(pr[j] - l);
+            pr[j] = pj * zr[j];
+            dr[j] = a.scale * pj * (dr[j] * zr[j] - di);
+          }
+          continue;
+        }
         for (; j + W <= bc; j += W) {
           const Vec<T> pj = vexp(vload(pr + j) - lv);
           vstore(pr + j, pj);
