@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ._attention_grad import attention_backward, reduce_grad
+from ._dropout import backward_dropout, check_dropout_sizes, forward_dropout
 from ._ops import _axis, _batch_offsets, _broadcast_batch, _flag, _real, adam_scalars, linear_shapes
 from .train import linear_backward_shapes
 
@@ -519,25 +520,32 @@ def _attention_operands(c: _Call, query, key, value, attn_mask, is_causal, scale
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, return_lse=False):
+                                 scale=None, enable_gqa=False, *, return_lse=False, rng=None):
     """softmax(query @ key^T * scale + mask) @ value on GPU arrays, PyTorch's semantics (as the CPU function:
     bool or additive masks broadcast to (..., L, S), is_causal aligned top-left, enable_gqa, scale default
-    1/sqrt(E), a row with no allowed key gives zeros). FlashAttention-2-style kernel: float16 on tensor
-    cores; head dims too large for the device's shared memory fall back to a plain kernel."""
+    1/sqrt(E), a row with no allowed key gives zeros; dropout_p, rng and the (out, lse, rng_state) result
+    too, with the CPU's mask bit for bit). FlashAttention-2-style kernel: float16 on tensor cores; head dims
+    too large for the device's shared memory fall back to a plain kernel."""
     c = _Call("scaled_dot_product_attention")
-    dropout_p = _real(dropout_p, "dropout_p")
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p: dropout is not implemented; expected 0.0, got {dropout_p}")
+    drop = forward_dropout(dropout_p, rng)
     return_lse = _flag(return_lse, "return_lse")
     q, k, v, mask, L, S, E, Ev, scale, group, batch, is_causal = _attention_operands(
         c, query, key, value, attn_mask, is_causal, scale, enable_gqa)
     nbatch = math.prod(batch)
+    if drop is not None:
+        check_dropout_sizes(nbatch, L, S)
+
+    def result(out, lse):
+        if not return_lse:
+            return out
+        return (out, lse) if drop is None else (out, lse, drop.rng_state)
+
     with c.scope():
         cp = c.cp
         out = cp.empty(batch + (L, Ev), q.dtype)
         lse = cp.empty(batch + (L,), q.dtype) if return_lse else None
         if nbatch == 0 or L == 0:
-            return (out, lse) if return_lse else out
+            return result(out, lse)
 
         def offsets(a, grouped):
             a, ea = _estrides(c, a)
@@ -566,18 +574,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         c.cuda.sdpa(c.device, c.code(q.dtype), q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, q_off.data.ptr,
                     k_off.data.ptr, v_off.data.ptr, nbatch, L, S, E, Ev, eq[-2], ek[-2], ev[-2], m_ptr, mask_kind,
                     0 if m_off is None else m_off.data.ptr, m_rs, m_cs, is_causal, scale,
-                    0 if lse is None else lse.data.ptr, c.stream, _variant)
-        return (out, lse) if return_lse else out
+                    0 if lse is None else lse.data.ptr, c.stream, _variant,
+                    *((False, 0, 1.0, 0, 0) if drop is None else
+                      (True, drop.threshold, drop.keep_scale, drop.seed, drop.offset)))
+        return result(out, lse)
 
 
 def scaled_dot_product_attention_backward(grad_output, query, key, value, output, lse, attn_mask=None,
-                                          is_causal=False, scale=None, enable_gqa=False):
+                                          is_causal=False, scale=None, enable_gqa=False, *, dropout_p=0.0,
+                                          rng_state=None):
     """Gradients of scaled_dot_product_attention on GPU arrays: (grad_query, grad_key, grad_value), with the
-    CPU function's arguments and rules. Composed of fastnn's CUDA matmul and cupy element-wise operations
+    CPU function's arguments and rules (dropout: the mask is regenerated from rng_state per chunk). Composed of fastnn's CUDA matmul and cupy element-wise operations
     in float32 (fastnn/_attention_grad.py): unlike the CPU kernel it materializes scores, of a chunk of heads
     at a time or, when one head's L x S scores exceed 256 MiB, of a block of query rows (there is no fused
     flash-style CUDA backward yet)."""
     c = _Call("scaled_dot_product_attention_backward")
+    drop = backward_dropout(dropout_p, rng_state)
     q, k, v, mask, L, S, E, Ev, scale, group, batch, is_causal = _attention_operands(
         c, query, key, value, attn_mask, is_causal, scale, enable_gqa)
     oshape = batch + (L, Ev)
@@ -593,7 +605,8 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
     if m.shape != batch + (L,):
         raise ValueError(f"lse: expected shape {batch + (L,)}, got {m.shape}")
     with c.scope():
-        dq, dk, dv = attention_backward(c.cp, matmul, g, q, k, v, o, m, mask, is_causal, scale, group, batch)
+        dq, dk, dv = attention_backward(c.cp, matmul, g, q, k, v, o, m, mask, is_causal, scale, group, batch,
+                                        dropout=drop)
         n = len(batch)
         return tuple(c.cp.ascontiguousarray(reduce_grad(d, a.shape, n, grp).astype(q.dtype, copy=False))
                      for d, a, grp in ((dq, q, None), (dk, k, group), (dv, v, group)))
