@@ -42,7 +42,9 @@ struct AttnArgs {
 };
 
 // ---- dropout ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint32_t k0, uint32_t k1) {
+// Not inlined: inlined into the float16 flash kernel it made ptxas spill registers (sm_80); it runs once per
+// 4 keys of a row, so the call costs nothing that matters.
+__device__ __noinline__ uint4 philox4x32_10(uint4 c, uint32_t k0, uint32_t k1) {
 #pragma unroll
   for (int r = 0; r < 10; ++r) {
     const uint32_t hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
