@@ -242,7 +242,7 @@ CONFIG_KEYS = ("n_layer", "n_head", "d_model", "block_size", "batch_size", "drop
                "weight_decay", "seed", "max_chars")
 
 
-def plot(path, histories):
+def plot(path, histories, unigram=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -251,6 +251,8 @@ def plot(path, histories):
         ax.plot(h["step"], h["loss"], lw=0.8, alpha=0.6, label=f"{h['impl']} train")
         if h["val_step"]:
             ax.plot(h["val_step"], h["val_loss"], "o-", ms=3, label=f"{h['impl']} validation")
+    if unigram is not None:
+        ax.axhline(unigram, color="gray", ls="--", lw=1, label=f"unigram entropy ({unigram:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / character)")
     ax.set_title("character-level GPT on the Python standard library")
@@ -330,7 +332,7 @@ def main(argv=None):
             print(f"[{hist['impl']}] validation loss {hist['val_loss'][-1]:.4f} nats/char at step {hist['val_step'][-1]}, "
                   f"{hist['wall_s']:.0f} s of training")
     if args.plot:
-        plot(args.plot, [r[3] for r in runs])
+        plot(args.plot, [r[3] for r in runs], unigram_entropy(val_data))
         print(f"plot: {args.plot}")
     if args.save:
         save_checkpoint(args.save, *runs[-1], args)
