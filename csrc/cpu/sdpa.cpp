@@ -249,18 +249,48 @@ template void sdpa<double>(const SdpaArgs<double>&);
 
 static_assert(kBc<float> % 4 == 0 && kBc<double> % 4 == 0, "dropout: backward key tiles must start at multiples of 4");
 
-// Z[i * ldz + j] = keep_scale or 0: the dropout factors of queries q0 .. q0 + bq and keys k0 .. k0 + bc of head b.
+// Z[i * ldz + j] = -1 (kept) or 0 (dropped): the keep mask of queries q0 .. q0 + bq and keys k0 .. k0 + bc of
+// head b. Philox gives it transposed (queries in the lanes, 4 keys per call); each 128-bit block of the 4
+// keep vectors is transposed with SSE2 unpacks into 4 rows of 4 keys.
 template <typename T>
-void dropout_factors(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, T* Z,
-                     int64_t ldz) {
-  const T ks = T(a.keep_scale);
+void dropout_keep_rows(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, int32_t* Z,
+                       int64_t ldz) {
   for (int64_t i = 0; i < bq; i += kU32Lanes)
     for (int64_t j = 0; j < bc; j += 4) {
       I32Vec keep[4];
       dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
-      for (int64_t u = 0; u < 4 && j + u < bc; ++u)
-        for (int64_t l = 0; l < kU32Lanes && i + l < bq; ++l) Z[(i + l) * ldz + j + u] = keep[u][l] ? ks : T(0);
+#if defined(__SSE2__)
+      // Z rows are padded to whole groups of 4 keys and query rows up to a multiple of the lanes (ldz, and
+      // the buffer's kBq rows): the 16-byte stores stay inside.
+      for (int64_t blk = 0; blk < kU32Lanes / 4; ++blk) {
+        __m128i r[4];
+        for (int u = 0; u < 4; ++u) std::memcpy(&r[u], reinterpret_cast<const char*>(&keep[u]) + 16 * blk, 16);
+        const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
+        const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+        int32_t* z = Z + (i + 4 * blk) * ldz + j;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(z), _mm_unpacklo_epi64(t0, t2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + ldz), _mm_unpackhi_epi64(t0, t2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + 2 * ldz), _mm_unpacklo_epi64(t1, t3));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + 3 * ldz), _mm_unpackhi_epi64(t1, t3));
+      }
+#else
+      for (int64_t l = 0; l < kU32Lanes; ++l)
+        for (int u = 0; u < 4; ++u) Z[(i + l) * ldz + j + u] = keep[u][l];
+#endif
     }
+}
+
+// The dropout factor keep_scale or 0 of W consecutive keys, from their keep mask.
+FASTNN_INLINE Vec<float> keep_factor(const int32_t* z, Vec<float> ks) {
+  I32Vec m;
+  std::memcpy(&m, z, sizeof m);
+  return m ? ks : Vec<float>{};
+}
+FASTNN_INLINE Vec<double> keep_factor(const int32_t* z, Vec<double> ks) {
+  typedef int32_t Half __attribute__((vector_size(FASTNN_VEC_BYTES / 2)));
+  Half h;
+  std::memcpy(&h, z, sizeof h);
+  return __builtin_convertvector(h, IVec<double>) ? ks : Vec<double>{};
 }
 
 template <typename T> struct SdpaBackwardWorkspace {
@@ -282,7 +312,7 @@ template <typename T> struct SdpaBackwardWorkspace {
         kb(sizeof(T) * kBc<T> * e_pad),                    // K_j as B panels (kc = bc)
         dk(sizeof(T) * kBc<T> * e_pad),
         dv(sizeof(T) * kBc<T> * ev_pad),
-        z(sizeof(T) * kBq * kBc<T>),                       // dropout factors (row stride kBc)
+        z(sizeof(int32_t) * round_up(kBq, kU32Lanes) * kBc<T>),  // dropout keep mask (row stride kBc)
         d(std::max<int64_t>(L, 1)) {}
 };
 
@@ -311,7 +341,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
   T* Kb = static_cast<T*>(ws.kb.p);
   T* dKa = static_cast<T*>(ws.dk.p);
   T* dVa = static_cast<T*>(ws.dv.p);
-  T* Z = static_cast<T*>(ws.z.p);
+  int32_t* Z = static_cast<int32_t*>(ws.z.p);
   const int64_t lde = ws.e_pad, ldev = ws.ev_pad;
   T* D = ws.d.data();
 
@@ -337,7 +367,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
       mask_scores<T>(a, b, q0, bq, k0, bc, P, Bc, int64_t(1));
       pack_a(dO + q0 * Ev, Ev, int64_t(1), bq, Ev, dOp);
       gemm_packed(dOp, Vt, bq, bc, Ev, dP, Bc, false);
-      if (a.dropout) dropout_factors(a, b, q0, bq, k0, bc, Z, Bc);
+      if (a.dropout) dropout_keep_rows(a, b, q0, bq, k0, bc, Z, Bc);
       for (int64_t i = 0; i < bq; ++i) {
         const T l = lse[q0 + i], di = D[q0 + i];
         T* pr = P + i * Bc;
@@ -349,16 +379,17 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
         const Vec<T> lv = vset<T>(l), dv = vset<T>(di), sv = vset<T>(a.scale);
         int64_t j = 0;
         if (a.dropout) {
-          const T* zr = Z + i * Bc;
+          const int32_t* zr = Z + i * Bc;
+          const Vec<T> ksv = vset<T>(T(a.keep_scale));
           for (; j + W <= bc; j += W) {
-            const Vec<T> pj = vexp(vload(pr + j) - lv), zj = vload(zr + j);
+            const Vec<T> pj = vexp(vload(pr + j) - lv), zj = keep_factor(zr + j, ksv);
             vstore(pr + j, pj * zj);
             vstore(dr + j, sv * pj * (vload(dr + j) * zj - dv));
           }
           for (; j < bc; ++j) {
-            const T pj = std::exp(pr[j] - l);
-            pr[j] = pj * zr[j];
-            dr[j] = a.scale * pj * (dr[j] * zr[j] - di);
+            const T pj = std::exp(pr[j] - l), zj = zr[j] ? T(a.keep_scale) : T(0);
+            pr[j] = pj * zj;
+            dr[j] = a.scale * pj * (dr[j] * zj - di);
           }
           continue;
         }
