@@ -492,16 +492,29 @@ void fill_sdpa(SdpaArgs<T>& a, const py::array& q, const py::array& k, const py:
   a.scale = T(scale);
 }
 
+// dropout: None, or the tuple (drop_threshold, keep_scale, seed, offset) of fastnn/_dropout.py's Dropout.
+template <typename T> void fill_dropout(SdpaArgs<T>& a, const py::object& dropout) {
+  if (dropout.is_none()) return;
+  auto d = dropout.cast<py::tuple>();
+  if (d.size() != 4) value_error("dropout: expected (threshold, keep_scale, seed, offset)");
+  a.dropout = true;
+  a.drop_threshold = d[0].cast<uint32_t>();
+  a.keep_scale = d[1].cast<double>();
+  a.seed = d[2].cast<uint64_t>();
+  a.offset = d[3].cast<uint32_t>();
+}
+
 void sdpa(const py::array& q, const py::array& k, const py::array& v, const py::array& out, const Offsets& q_off,
           const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t q_rs,
           int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off, int64_t m_rs, int64_t m_cs,
-          bool causal, double scale, const py::object& lse) {
+          bool causal, double scale, const py::object& lse, const py::object& dropout) {
   by_dtype(q, "query", [&](auto t) {
     using T = decltype(t);
     SdpaArgs<T> a;
     fill_sdpa(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs, causal, scale);
     a.O = contig<T>(out, "out", a.batch * L * Ev, true), a.o_bs = L * Ev;
     if (!lse.is_none()) a.lse = contig<T>(lse.cast<py::array>(), "lse", a.batch * L, true);
+    fill_dropout(a, dropout);
     py::gil_scoped_release nogil;
     ops<T>().sdpa(a);
   });
@@ -512,7 +525,7 @@ void sdpa_backward(const py::array& q, const py::array& k, const py::array& v, c
                    int64_t q_rs, int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off,
                    int64_t m_rs, int64_t m_cs, bool causal, double scale, const py::array& d_out,
                    const py::array& out, const py::array& lse, const py::array& dq, const py::array& dk,
-                   const py::array& dv) {
+                   const py::array& dv, const py::object& dropout) {
   by_dtype(q, "query", [&](auto t) {
     using T = decltype(t);
     SdpaBackwardArgs<T> a;
@@ -524,6 +537,7 @@ void sdpa_backward(const py::array& q, const py::array& k, const py::array& v, c
     a.dQ = contig<T>(dq, "grad_query", B * L * E, true);
     a.dK = contig<T>(dk, "grad_key", B * S * E, true);
     a.dV = contig<T>(dv, "grad_value", B * S * Ev, true);
+    fill_dropout(a, dropout);
     py::gil_scoped_release nogil;
     ops<T>().sdpa_backward(a);
   });
@@ -662,8 +676,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("softmax_fast", &softmax_fast);
   m.def("linear_fast", &linear_fast);
   m.def("cross_entropy_fast", &cross_entropy_fast);
-  m.def("sdpa", &sdpa);
-  m.def("sdpa_backward", &sdpa_backward);
+  m.def("sdpa", &sdpa, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("q_off"), py::arg("k_off"),
+        py::arg("v_off"), py::arg("L"), py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"), py::arg("k_rs"),
+        py::arg("v_rs"), py::arg("mask"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"), py::arg("causal"),
+        py::arg("scale"), py::arg("lse"), py::arg("dropout") = py::none());
+  m.def("sdpa_backward", &sdpa_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_off"), py::arg("k_off"),
+        py::arg("v_off"), py::arg("L"), py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"), py::arg("k_rs"),
+        py::arg("v_rs"), py::arg("mask"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"), py::arg("causal"),
+        py::arg("scale"), py::arg("d_out"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("dropout") = py::none());
   m.def("adam", &adam);
   m.def("adam_multi", &adam_multi);
   m.def("build_info", &build_info);

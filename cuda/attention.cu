@@ -8,6 +8,9 @@
 //               to half as in FlashAttention); float32: scalar FMAs from shared memory.
 // The flash kernel keeps O, S and the tiles in dynamic shared memory; when a head dimension needs more than
 // this device offers per block, the launcher falls back to the plain kernel (slow but correct).
+// Dropout: the probabilities are dropped after the softmax sum takes them (the sum is the softmax's), with
+// the bits of fastnn/_dropout.py and the CPU kernel: Philox4x32-10, counter (j / 4, i, z, offset), key
+// (seed low, seed high), word j % 4, kept when >= drop_threshold; the output is scaled by keep_scale.
 #include <mma.h>
 
 #include "common.cuh"
@@ -32,7 +35,34 @@ struct AttnArgs {
   bool causal;
   float scale;
   float* lse;  // float32 for every dtype (as FlashAttention): a float16 lse would shift whole rows of P
+  bool dropout;
+  uint32_t drop_threshold, offset;
+  uint64_t seed;
+  float keep_scale;
 };
+
+// ---- dropout ---------------------------------------------------------------------------------------------
+// Not inlined: inlined into the float16 flash kernel it made ptxas spill registers (sm_80); it runs once per
+// 4 keys of a row, so the call costs nothing that matters.
+__device__ __noinline__ uint4 philox4x32_10(uint4 c, uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+    c = make_uint4(hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c;
+}
+
+// Keep bits of keys 4g .. 4g + 3 (bit u for key 4g + u) of query i of batch z.
+__device__ __forceinline__ uint32_t dropout_keep4(const AttnArgs& a, int64_t z, int64_t i, int64_t g) {
+  const uint4 x = philox4x32_10(make_uint4(uint32_t(g), uint32_t(i), uint32_t(z), a.offset), uint32_t(a.seed),
+                                uint32_t(a.seed >> 32));
+  return uint32_t(x.x >= a.drop_threshold) | uint32_t(x.y >= a.drop_threshold) << 1 |
+         uint32_t(x.z >= a.drop_threshold) << 2 | uint32_t(x.w >= a.drop_threshold) << 3;
+}
 
 // The scaled, masked score of query i and key j of batch z, or -inf when the key is not allowed.
 template <typename T>
@@ -70,8 +100,12 @@ template <typename T> __global__ void sdpa_plain(AttnArgs a) {
     for (int64_t j = 0; j < a.S; ++j) l += exp_diff(score(j), m);
     for (int64_t d = threadIdx.x; d < a.Ev; d += blockDim.x) {
       float acc = 0.f;
-      for (int64_t j = 0; j < a.S; ++j) acc += exp_diff(score(j), m) * to_f(vp[a.v_off[z] + j * a.v_rs + d]);
-      static_cast<T*>(a.out)[row * a.Ev + d] = from_f<T>(l == 0.f ? 0.f : acc / l);
+      for (int64_t j = 0; j < a.S; ++j) {
+        if (a.dropout && !((dropout_keep4(a, z, i, j >> 2) >> (j & 3)) & 1)) continue;
+        acc += exp_diff(score(j), m) * to_f(vp[a.v_off[z] + j * a.v_rs + d]);
+      }
+      static_cast<T*>(a.out)[row * a.Ev + d] =
+          from_f<T>(l == 0.f ? 0.f : a.dropout ? acc / l * a.keep_scale : acc / l);
     }
     if (a.lse && threadIdx.x == 0) a.lse[row] = l == 0.f ? -INFINITY : m + logf(l);
   }
@@ -247,12 +281,16 @@ template <typename T> __global__ void __launch_bounds__(kWarps * 32) sdpa_flash(
         mx = warp_max(mx);
         const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
         const float alpha = exp_diff(m_old, m_new);
+        // Dropout: lane g < kBN / 4 draws the keep bits of keys 4g .. 4g + 3; key j reads them from lane j / 4.
+        uint32_t keep4 = 0xF;
+        if (a.dropout && lane < kBN / 4 && i < a.L) keep4 = dropout_keep4(a, z, i, k0 / 4 + lane);
         float psum = 0.f;
 #pragma unroll
         for (int c = 0; c < kBN / 32; ++c) {
           const int j = lane + 32 * c;
-          const float p = exp_diff(s[c], m_new);
+          float p = exp_diff(s[c], m_new);
           psum += p;
+          if (a.dropout && !((__shfl_sync(0xffffffffu, keep4, j / 4) >> (j % 4)) & 1)) p = 0.f;
           if (kHalf) Ps[r * f.ldp + j] = __float2half_rn(p);
           else Ss[r * f.lds + j] = p;
         }
@@ -277,7 +315,8 @@ template <typename T> __global__ void __launch_bounds__(kWarps * 32) sdpa_flash(
     for (int idx = threadIdx.x; idx < BM * a.Ev; idx += blockDim.x) {
       const int r = int(idx / a.Ev), d = int(idx % a.Ev);
       if (q0 + r >= a.L) break;  // idx grows with r: every later idx is past the last row too
-      out[idx] = from_f<T>(row_l[r] == 0.f ? 0.f : Os[r * f.ldo + d] / row_l[r]);
+      const float o = Os[r * f.ldo + d] / row_l[r];
+      out[idx] = from_f<T>(row_l[r] == 0.f ? 0.f : a.dropout ? o * a.keep_scale : o);
     }
     if (a.lse)
       for (int r = threadIdx.x; r < BM && q0 + r < a.L; r += blockDim.x)
@@ -314,14 +353,15 @@ template <typename T> void launch_sdpa(const AttnArgs& a, int device, cudaStream
 void sdpa(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t q_off,
           uintptr_t k_off, uintptr_t v_off, int64_t nbatch, int64_t L, int64_t S, int64_t E, int64_t Ev,
           int64_t q_rs, int64_t k_rs, int64_t v_rs, uintptr_t mask, int mask_kind, uintptr_t m_off, int64_t m_rs,
-          int64_t m_cs, bool causal, float scale, uintptr_t lse, uintptr_t stream, int variant) {
+          int64_t m_cs, bool causal, float scale, uintptr_t lse, uintptr_t stream, int variant, bool dropout,
+          uint32_t drop_threshold, float keep_scale, uint64_t seed, uint32_t offset) {
   if (nbatch <= 0 || L <= 0) return;
   set_device("scaled_dot_product_attention", device);
   const AttnArgs a{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k), reinterpret_cast<const void*>(v),
                    reinterpret_cast<void*>(out), as_ptr<const int64_t>(q_off), as_ptr<const int64_t>(k_off),
                    as_ptr<const int64_t>(v_off), nbatch, L, S, E, Ev, q_rs, k_rs, v_rs,
                    reinterpret_cast<const void*>(mask), mask_kind, as_ptr<const int64_t>(m_off), m_rs, m_cs, causal,
-                   scale, reinterpret_cast<float*>(lse)};
+                   scale, reinterpret_cast<float*>(lse), dropout, drop_threshold, offset, seed, keep_scale};
   if (dtype == kFloat32)
     launch_sdpa<float>(a, device, as_stream(stream), variant);
   else

@@ -87,7 +87,9 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("out"), py::arg("q_off"), py::arg("k_off"), py::arg("v_off"), py::arg("nbatch"), py::arg("L"),
         py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"), py::arg("k_rs"), py::arg("v_rs"),
         py::arg("mask"), py::arg("mask_kind"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"),
-        py::arg("causal"), py::arg("scale"), py::arg("lse"), py::arg("stream"), py::arg("variant"));
+        py::arg("causal"), py::arg("scale"), py::arg("lse"), py::arg("stream"), py::arg("variant"),
+        py::arg("dropout") = false, py::arg("drop_threshold") = 0u, py::arg("keep_scale") = 1.0f,
+        py::arg("seed") = uint64_t(0), py::arg("offset") = 0u);
   m.def("adam", &adam, py::arg("device"), py::arg("dtype"), py::arg("param"), py::arg("grad"), py::arg("exp_avg"),
         py::arg("exp_avg_sq"), py::arg("max_exp_avg_sq"), py::arg("n"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step_size"), py::arg("bc2_sqrt"),

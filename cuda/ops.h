@@ -41,11 +41,14 @@ void gemm(int device, int dtype, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_
 // ptr + off[z] + row * rs with unit column stride (device int64 offset arrays). mask_kind: 0 none,
 // 1 bool (uint8, nonzero = may attend), 2 additive (dtype of q); element mask[m_off[z] + i*m_rs + j*m_cs].
 // causal: key j allowed for query i iff j <= i. A query row with no allowed key gives zeros and lse -inf.
-// lse: 0 or (nbatch, L) contiguous in q's dtype.
+// lse: 0 or (nbatch, L) contiguous in q's dtype. dropout: probability (z, i, j) dropped when word j % 4 of
+// Philox4x32-10(counter (j / 4, i, z, offset), key (seed low, seed high)) < drop_threshold; survivors times
+// keep_scale (fastnn/_dropout.py).
 void sdpa(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t q_off,
           uintptr_t k_off, uintptr_t v_off, int64_t nbatch, int64_t L, int64_t S, int64_t E, int64_t Ev,
           int64_t q_rs, int64_t k_rs, int64_t v_rs, uintptr_t mask, int mask_kind, uintptr_t m_off, int64_t m_rs,
-          int64_t m_cs, bool causal, float scale, uintptr_t lse, uintptr_t stream, int variant);
+          int64_t m_cs, bool causal, float scale, uintptr_t lse, uintptr_t stream, int variant, bool dropout,
+          uint32_t drop_threshold, float keep_scale, uint64_t seed, uint32_t offset);
 
 // One in-place Adam step on n contiguous elements with torch.optim.Adam's arithmetic. param and grad in
 // `dtype`; exp_avg, exp_avg_sq and max_exp_avg_sq (0 = no AMSGrad) always float32. step_size =

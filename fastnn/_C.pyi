@@ -27,12 +27,12 @@ def cross_entropy_fast(logits: np.ndarray, labels: Any, reduction: Any,
 def sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, q_off: np.ndarray, k_off: np.ndarray,
          v_off: np.ndarray, L: int, S: int, E: int, Ev: int, q_rs: int, k_rs: int, v_rs: int,
          mask: Optional[np.ndarray], m_off: np.ndarray, m_rs: int, m_cs: int, causal: bool, scale: float,
-         lse: Optional[np.ndarray]) -> None: ...
+         lse: Optional[np.ndarray], dropout: Optional[Tuple[int, float, int, int]] = None) -> None: ...
 def sdpa_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_off: np.ndarray, k_off: np.ndarray,
                   v_off: np.ndarray, L: int, S: int, E: int, Ev: int, q_rs: int, k_rs: int, v_rs: int,
                   mask: Optional[np.ndarray], m_off: np.ndarray, m_rs: int, m_cs: int, causal: bool, scale: float,
                   d_out: np.ndarray, out: np.ndarray, lse: np.ndarray, dq: np.ndarray, dk: np.ndarray,
-                  dv: np.ndarray) -> None: ...
+                  dv: np.ndarray, dropout: Optional[Tuple[int, float, int, int]] = None) -> None: ...
 def adam(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
          max_exp_avg_sq: Optional[np.ndarray], lr: float, beta1: float, beta2: float, eps: float,
          weight_decay: float, step_size: float, bias_correction2_sqrt: float, decoupled: bool,

@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar,
 A = TypeVar("A")
 FloatArray = A
 IntArray = Any
+RngState = Tuple[int, int]   # (seed, offset) of the attention dropout's Philox stream
+Rng = Union[None, int, Any, RngState]   # Any: a numpy.random.Generator
 
 __version__: str
 
@@ -24,16 +26,18 @@ def cross_entropy(logits: FloatArray, labels: IntArray, *, reduction: str = ...,
 def scaled_dot_product_attention(query: FloatArray, key: FloatArray, value: FloatArray,
                                  attn_mask: Optional[Any] = ..., dropout_p: float = ...,
                                  is_causal: bool = ..., scale: Optional[float] = ..., enable_gqa: bool = ...,
-                                 *, return_lse: Literal[False] = ...) -> FloatArray: ...
+                                 *, return_lse: Literal[False] = ..., rng: Rng = ...) -> FloatArray: ...
 @overload
 def scaled_dot_product_attention(query: FloatArray, key: FloatArray, value: FloatArray,
                                  attn_mask: Optional[Any] = ..., dropout_p: float = ...,
                                  is_causal: bool = ..., scale: Optional[float] = ..., enable_gqa: bool = ...,
-                                 *, return_lse: Literal[True]) -> Tuple[FloatArray, FloatArray]: ...
+                                 *, return_lse: Literal[True], rng: Rng = ...
+                                 ) -> Union[Tuple[FloatArray, FloatArray], Tuple[FloatArray, FloatArray, RngState]]: ...
 def scaled_dot_product_attention_backward(
     grad_output: FloatArray, query: FloatArray, key: FloatArray, value: FloatArray, output: FloatArray,
     lse: FloatArray, attn_mask: Optional[Any] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
-    enable_gqa: bool = ...) -> Tuple[FloatArray, FloatArray, FloatArray]: ...
+    enable_gqa: bool = ..., *, dropout_p: float = ..., rng_state: Optional[RngState] = ...
+) -> Tuple[FloatArray, FloatArray, FloatArray]: ...
 def adam_update(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *, step: int,
                 lr: float = ..., beta1: float = ..., beta2: float = ..., eps: float = ...,
                 weight_decay: float = ..., decoupled_weight_decay: bool = ..., maximize: bool = ...,

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from ._dropout import keep_mask
+
 
 def reduce_grad(grad, shape, batch_ndim: int, group):
     """Sums a per-head gradient (batch + core dims) down to an operand's `shape`: over the query heads of
@@ -29,14 +31,15 @@ def reduce_grad(grad, shape, batch_ndim: int, group):
 
 
 def attention_backward(xp, matmul, grad_output, query, key, value, output, lse, mask, causal: bool,
-                       scale: float, group, batch, max_bytes: int = 256 << 20, dtype=None):
+                       scale: float, group, batch, max_bytes: int = 256 << 20, dtype=None, dropout=None):
     """Per-head gradients (dq, dk, dv) in `dtype` (default float32, also the computing precision), shaped batch + (L, E), batch + (S, E), batch + (S, Ev).
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) as the forward took them (key and value with
     H / group heads when `group`); grad_output and output: batch + (L, Ev); lse: batch + (L,), the
     forward's log-sum-exp of the scaled, masked scores; mask: None or a bool (True = may attend) or float
     (added) array that broadcasts to batch + (L, S); causal: key j allowed for query i iff j <= i.
-    `matmul(a, b)` multiplies stacks of matrices of any strides.
+    `matmul(a, b)` multiplies stacks of matrices of any strides. dropout: None or fastnn._dropout.Dropout
+    (the forward's); its mask Z = keep / (1 - p) is regenerated per chunk: dV = (P Z)^T dO, dP = (dO V^T) Z.
     """
     f32 = xp.dtype(dtype or xp.float32).type
     L, E = query.shape[-2:]
@@ -82,8 +85,15 @@ def attention_backward(xp, matmul, grad_output, query, key, value, output, lse, 
                 s = xp.where(keys[None, :] <= xp.arange(r.start, r.stop)[:, None], s, f32(-math.inf))
             p = xp.exp(s - m[c, r])
             gr = g[c, r]
-            dv[c] += matmul(p.swapaxes(-1, -2), gr)
-            ds = p * (matmul(gr, v[c].swapaxes(-1, -2)) - d[c, r])
+            dp = matmul(gr, v[c].swapaxes(-1, -2))
+            if dropout is None:
+                dv[c] += matmul(p.swapaxes(-1, -2), gr)
+            else:
+                z = xp.where(keep_mask(xp, dropout, range(c.start, c.stop), range(r.start, r.stop), S),
+                             f32(dropout.keep_scale), f32(0))
+                dv[c] += matmul((p * z).swapaxes(-1, -2), gr)
+                dp = dp * z
+            ds = p * (dp - d[c, r])
             dq[c, r] = matmul(ds, k[c]) * f32(scale)
             dk[c] += matmul(ds.swapaxes(-1, -2), qr) * f32(scale)
     return dq.reshape(batch + (L, E)), dk.reshape(batch + (S, E)), dv.reshape(batch + (S, Ev))

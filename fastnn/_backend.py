@@ -110,11 +110,11 @@ class Cpu:
         _C.gemm(a, b, buf, a_off, b_off, M, N, K, ea[-2], ea[-1], eb[-2], eb[-1], bias, relu, False)
 
     @staticmethod
-    def sdpa(at, out, lse):
+    def sdpa(at, out, lse, drop):
         _C.sdpa(at.q, at.k, at.v, out, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
-                at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale, lse)
+                at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale, lse, drop)
 
-    def sdpa_backward(self, at, g, o, lse, matmul):
+    def sdpa_backward(self, at, g, o, lse, matmul, drop):
         """Per-head (dq, dk, dv), batch + core shapes, from the fused flash-style kernel."""
         nb = at.nbatch
         dq = np.zeros(at.batch + (at.L, at.E), at.dtype)
@@ -126,7 +126,7 @@ class Cpu:
                              at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
                              c(self, g).reshape(nb, at.L, at.Ev), c(self, o).reshape(nb, at.L, at.Ev),
                              c(self, lse).reshape(nb, at.L), dq.reshape(nb, at.L, at.E),
-                             dk.reshape(nb, at.S, at.E), dv.reshape(nb, at.S, at.Ev))
+                             dk.reshape(nb, at.S, at.E), dv.reshape(nb, at.S, at.Ev), drop)
         return dq, dk, dv
 
     @staticmethod

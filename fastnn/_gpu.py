@@ -222,18 +222,21 @@ class Cuda:
                        nb, M, N, K, ea[-2], ea[-1], eb[-2], eb[-1], 0 if bias is None else bias.data.ptr, bool(relu),
                        self.stream, _variant)
 
-    def sdpa(self, at, out, lse):
+    def sdpa(self, at, out, lse, drop):
         mask_kind = 0 if at.mask is None else (1 if at.mask.dtype == np.bool_ else 2)
         self.cuda.sdpa(*self._args(at.dtype), at.q.data.ptr, at.k.data.ptr, at.v.data.ptr, out.data.ptr,
                        at.q_off.data.ptr, at.k_off.data.ptr, at.v_off.data.ptr, at.nbatch, at.L, at.S, at.E, at.Ev,
                        *at.rows, 0 if at.mask is None else at.mask.data.ptr, mask_kind,
                        0 if at.mask is None else at.m_off.data.ptr, at.m_rs, at.m_cs, at.causal, at.scale,
-                       0 if lse is None else lse.data.ptr, self.stream, _variant)
+                       0 if lse is None else lse.data.ptr, self.stream, _variant,
+                       *((False, 0, 1.0, 0, 0) if drop is None else
+                         (True, drop.threshold, drop.keep_scale, drop.seed, drop.offset)))
 
-    def sdpa_backward(self, at, g, o, lse, matmul):
-        """No fused CUDA backward yet: composed of the CUDA matmul and cupy element-wise operations."""
+    def sdpa_backward(self, at, g, o, lse, matmul, drop):
+        """No fused CUDA backward yet: composed of the CUDA matmul and cupy element-wise operations (the
+        dropout mask regenerated per chunk)."""
         return attention_backward(self.cp, matmul, g, at.q, at.k, at.v, o, lse, at.mask, at.causal, at.scale,
-                                  at.group, at.batch)
+                                  at.group, at.batch, dropout=drop)
 
     def adam(self, p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, decoupled, maximize):
         self.cuda.adam(*self._args(p.dtype), p.data.ptr, g.data.ptr, m.data.ptr, v.data.ptr,

@@ -23,6 +23,7 @@ import numpy as np
 from . import _C
 from ._attention_grad import reduce_grad
 from ._backend import adopt, contiguous
+from ._dropout import backward_dropout, check_dropout_sizes, forward_dropout
 
 _ndarray = np.ndarray
 _ZERO_OFFSETS = np.zeros(1, dtype=np.int64)
@@ -675,7 +676,7 @@ def _attention(op, arrays, attn_mask, is_causal, scale, enable_gqa, *extra):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, return_lse=False):
+                                 scale=None, enable_gqa=False, *, return_lse=False, rng=None):
     """softmax(query @ key^T * scale + mask) @ value, with PyTorch's semantics, flash-style.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev); leading dimensions
@@ -685,42 +686,58 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     tril(ones(L, S)) aligned at the top-left (flash-attn aligns bottom-right when L != S).
     scale: default 1/sqrt(E). enable_gqa: query (N, Hq, L, E) with key/value (N, Hkv, S, .),
     Hq divisible by Hkv, key/value head h serving query heads h*Hq/Hkv .. (h+1)*Hq/Hkv - 1.
-    dropout_p must be 0.0 (dropout is not implemented). A query row with no allowed key gives zeros.
+    A query row with no allowed key gives zeros.
+    dropout_p: in [0, 1) (else ValueError); as torch's, each attention probability is dropped with
+    probability dropout_p and the survivors are scaled by 1 / (1 - dropout_p). The mask comes from
+    Philox-4x32-10 keyed by (seed, offset) and each element's (batch, row, column) index (fastnn/_dropout.py
+    gives the mapping), the same on every ISA path, thread count and on the GPU. rng: an int seed in
+    [0, 2**64), a numpy.random.Generator (a 64-bit seed is drawn from it), a (seed, offset) pair (the
+    rng_state of an earlier call: the same mask again), or None (fresh OS entropy); unused when dropout_p == 0.
     return_lse: also return the log-sum-exp of each query row's scaled, masked scores, shape (..., L)
-    (-inf for a row with no allowed key): what scaled_dot_product_attention_backward needs.
-    Keys are processed in tiles with an online softmax: no L x S matrix is ever held.
+    (-inf for a row with no allowed key; float32 on the GPU for every dtype): what
+    scaled_dot_product_attention_backward needs. With dropout_p > 0 the result is then
+    (out, lse, rng_state), rng_state the (seed, offset) pair of ints the backward needs to regenerate the
+    mask; with dropout_p == 0 it is (out, lse).
+    Keys are processed in tiles with an online softmax: no L x S matrix (nor mask) is ever held.
     """
-    dropout_p = _real(dropout_p, "dropout_p")
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p: dropout is not implemented; expected 0.0, got {dropout_p}")
+    drop = forward_dropout(dropout_p, rng)
     return_lse = _flag(return_lse, "return_lse")
     bk, at, _ = _attention("scaled_dot_product_attention", (query, key, value), attn_mask, is_causal, scale,
                            enable_gqa)
+    if drop is not None:
+        check_dropout_sizes(at.nbatch, at.L, at.S)
     with bk.scope():
         out = bk.xp.empty(at.batch + (at.L, at.Ev), at.dtype)
         lse = bk.xp.empty(at.batch + (at.L,), bk.lse_dtype(at.dtype)) if return_lse else None
         if not at.empty() and (out.size or lse is not None):  # Ev == 0 still has an lse
             bk.sdpa(at.plan(), out.reshape(at.nbatch, at.L, at.Ev),
-                    None if lse is None else lse.reshape(at.nbatch, at.L))
+                    None if lse is None else lse.reshape(at.nbatch, at.L), drop)
         elif lse is not None:
             lse.fill(-np.inf)
-        return bk.wrap((out, lse) if return_lse else out)
+        if not return_lse:
+            return bk.wrap(out)
+        return bk.wrap((out, lse)) if drop is None else bk.wrap((out, lse)) + (drop.rng_state,)
 
 
 def scaled_dot_product_attention_backward(grad_output, query, key, value, output, lse, attn_mask=None,
-                                          is_causal=False, scale=None, enable_gqa=False):
+                                          is_causal=False, scale=None, enable_gqa=False, *, dropout_p=0.0,
+                                          rng_state=None):
     """Gradients of scaled_dot_product_attention, flash-style (scores recomputed tile by tile).
 
     grad_output and output: (..., L, Ev) (output is the forward's result), lse: (..., L) from the forward
-    with return_lse=True; the other arguments as given to the forward. Returns
+    with return_lse=True; the other arguments as given to the forward. With dropout_p > 0, rng_state is
+    the (seed, offset) the forward returned (required; the mask is regenerated, never stored). Returns
     (grad_query, grad_key, grad_value) shaped like query, key and value (summed over the query heads
     that share a key/value head with enable_gqa, and over broadcast batch dimensions).
     Memory beyond the gradients is O(block) per thread; threads take whole (batch, head) pairs. (On the
     GPU it is composed of the CUDA matmul and element-wise operations: fastnn/_attention_grad.py.)
     """
+    drop = backward_dropout(dropout_p, rng_state)
     bk, at, (g, o, lse) = _attention("scaled_dot_product_attention_backward", (query, key, value), attn_mask,
                                      is_causal, scale, enable_gqa,
                                      ("grad_output", grad_output), ("output", output), ("lse", lse))
+    if drop is not None:
+        check_dropout_sizes(at.nbatch, at.L, at.S)
     oshape = at.batch + (at.L, at.Ev)
     for x, n in ((g, "grad_output"), (o, "output"), (lse, "lse")):
         _floats(bk, x, n)
@@ -736,7 +753,7 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
     if lse.shape != at.batch + (at.L,):
         raise ValueError(f"lse: expected shape {at.batch + (at.L,)}, got {lse.shape}")
     with bk.scope():
-        dq, dk, dv = bk.sdpa_backward(at.plan(), g, o, lse, matmul)
+        dq, dk, dv = bk.sdpa_backward(at.plan(), g, o, lse, matmul, drop)
         return bk.wrap((at.reduce_to(dq, at.q_shape, False), at.reduce_to(dk, at.k_shape, True),
                         at.reduce_to(dv, at.v_shape, True)))
 

@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from ._dropout import backward_dropout, forward_dropout, keep_mask
+
 __all__ = [
     "matmul", "linear", "relu", "relu_backward", "softmax", "log_softmax",
     "softmax_backward", "cross_entropy", "scaled_dot_product_attention",
@@ -99,7 +101,7 @@ def cross_entropy(logits, labels, *, reduction="mean", ignore_index=-100):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, *,
-                                 return_lse=False):
+                                 return_lse=False, rng=None):
     """softmax(q @ k^T * scale + mask) @ v with PyTorch's semantics.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev);
@@ -108,10 +110,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (axis -3) are repeated to match query heads. A row with no allowed key
     gives zeros. return_lse: also return log(sum(exp(scores))) per query row,
     shape (..., L) (-inf for a row with no allowed key).
+    dropout_p > 0: the probabilities times _dropout_factors (the mask of fastnn/_dropout.py, the whole
+    L x S of it, from rng as fastnn takes it); return_lse then returns (out, lse, rng_state).
     """
     q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
-    if dropout_p != 0.0:
-        raise ValueError("dropout_p must be 0.0")
+    drop = forward_dropout(dropout_p, rng)
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal are mutually exclusive")
     L, E, S = q.shape[-2], q.shape[-1], k.shape[-2]
@@ -137,11 +140,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     p = np.exp(scores - np.where(dead, 0, m))
     total = np.sum(p, axis=-1, keepdims=True)
     p /= np.where(dead, 1, total)
+    if drop is not None:
+        p = p * _dropout_factors(drop, p, v, q.dtype)
     out = np.matmul(p, v)
     if not return_lse:
         return out
     lse = np.where(dead, -np.inf, m + np.log(np.where(dead, 1, total)))
-    return out, lse[..., 0]
+    return (out, lse[..., 0]) if drop is None else (out, lse[..., 0], drop.rng_state)
+
+
+def _dropout_factors(drop, p, v, dtype):
+    """keep / (1 - dropout_p) for every probability of p (..., L, S), with the batch dims of the
+    output (p's and v's broadcast): element (b, i, j), b the flat index over those dims."""
+    batch = np.broadcast_shapes(p.shape[:-2], v.shape[:-2])
+    L, S = p.shape[-2:]
+    keep = keep_mask(np, drop, range(math.prod(batch)), range(L), S).reshape(batch + (L, S))
+    return np.where(keep, dtype.type(drop.keep_scale), dtype.type(0))
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9,
@@ -197,7 +211,7 @@ def _sum_to(grad, shape):
 
 def scaled_dot_product_attention_backward(grad_output, query, key, value, output, lse,
                                           attn_mask=None, is_causal=False, scale=None,
-                                          enable_gqa=False):
+                                          enable_gqa=False, *, dropout_p=0.0, rng_state=None):
     """Gradients (grad_query, grad_key, grad_value) of scaled_dot_product_attention.
 
     Dense math on the full L x S probability matrix, recomputed from query and
@@ -208,7 +222,10 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
     Rows with no allowed key have P = 0 and contribute nothing. Gradients are
     summed back to each operand's shape: over broadcast batch dimensions and,
     with enable_gqa, over the query heads sharing a key/value head.
+    Dropout (dropout_p > 0, rng_state from the forward), Z the factors keep / (1 - p):
+      dV = (P Z)^T dO,  dP = (dO V^T) Z,  and dS, dQ, dK as above.
     """
+    drop = backward_dropout(dropout_p, rng_state)
     q, k, v = np.asarray(query), np.asarray(key), np.asarray(value)
     do = np.asarray(grad_output)
     if attn_mask is not None and is_causal:
@@ -235,8 +252,9 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
     dead = m == -np.inf
     p = np.exp(scores - np.where(dead, 0, m))
     p /= np.where(dead, 1, np.sum(p, axis=-1, keepdims=True))
-    dv = np.matmul(np.swapaxes(p, -1, -2), do)
-    dp = np.matmul(do, np.swapaxes(vr, -1, -2))
+    z = 1 if drop is None else _dropout_factors(drop, p, vr, q.dtype)
+    dv = np.matmul(np.swapaxes(p * z, -1, -2), do)
+    dp = np.matmul(do, np.swapaxes(vr, -1, -2)) * z
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
     dq = np.matmul(ds, kr) * scale
     dk = np.matmul(np.swapaxes(ds, -1, -2), q) * scale

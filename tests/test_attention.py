@@ -262,7 +262,7 @@ def test_sdpa_errors():
     with pytest.raises(ValueError, match="is_causal|attn_mask"):
         sdpa(q, k, v, attn_mask=np.ones((5, 6), bool), is_causal=True)
     with pytest.raises(ValueError, match="dropout"):
-        sdpa(q, k, v, dropout_p=0.1)
+        sdpa(q, k, v, dropout_p=1.0)  # dropout_p must be in [0, 1)
     with pytest.raises(ValueError, match="attn_mask"):
         sdpa(q, k, v, attn_mask=np.ones((5, 7), bool))
     with pytest.raises(ValueError, match="attn_mask"):

@@ -7,10 +7,12 @@ import pytest
 
 import fastnn
 from fastnn._attention_grad import attention_backward, reduce_grad
+from fastnn._dropout import backward_dropout
 from conftest import assert_close
 
 
-def composed(g, q, k, v, o, lse, mask=None, causal=False, scale=None, group=None, max_bytes=256 << 20):
+def composed(g, q, k, v, o, lse, mask=None, causal=False, scale=None, group=None, max_bytes=256 << 20,
+             dropout=None):
     qb = q.shape[:-2]
     kb, vb = k.shape[:-2], v.shape[:-2]
     if group:
@@ -18,7 +20,7 @@ def composed(g, q, k, v, o, lse, mask=None, causal=False, scale=None, group=None
     batch = tuple(np.broadcast_shapes(qb, kb, vb))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     dq, dk, dv = attention_backward(np, fastnn.matmul, g, q, k, v, o, lse, mask, causal, scale, group, batch,
-                                    max_bytes=max_bytes, dtype=np.float64)
+                                    max_bytes=max_bytes, dtype=np.float64, dropout=dropout)
     return (reduce_grad(dq, q.shape, len(batch), None), reduce_grad(dk, k.shape, len(batch), group),
             reduce_grad(dv, v.shape, len(batch), group))
 
@@ -39,8 +41,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("p", [0.0, 0.4], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("case", CASES)
-def test_composed_backward_matches_the_cpu_kernel(rng, case):
+def test_composed_backward_matches_the_cpu_kernel(rng, case, p):
     q = rng.standard_normal(case["q"])
     k = rng.standard_normal(case["k"])
     v = rng.standard_normal(case["v"])
@@ -54,12 +57,13 @@ def test_composed_backward_matches_the_cpu_kernel(rng, case):
     elif case.get("mask") == "float":
         mask = rng.standard_normal(case["mask_shape"])
     kw = dict(attn_mask=mask, is_causal=case.get("causal", False), enable_gqa=case.get("gqa", False))
-    o, lse = fastnn.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+    o, lse, *st = fastnn.scaled_dot_product_attention(q, k, v, return_lse=True, dropout_p=p, rng=11, **kw)
+    st = st[0] if st else None
     g = rng.standard_normal(o.shape)
-    want = fastnn.scaled_dot_product_attention_backward(g, q, k, v, o, lse, **kw)
+    want = fastnn.scaled_dot_product_attention_backward(g, q, k, v, o, lse, dropout_p=p, rng_state=st, **kw)
     group = q.shape[-3] // k.shape[-3] if kw["enable_gqa"] else None
     got = composed(g, q, k, v, o, lse, mask, kw["is_causal"], group=group,
-                   max_bytes=case.get("max_bytes", 256 << 20))
+                   max_bytes=case.get("max_bytes", 256 << 20), dropout=backward_dropout(p, st))
     for a, b in zip(got, want):
         assert a.shape == b.shape
         assert_close(a, b, np.float64, k=q.shape[-2])

@@ -40,6 +40,13 @@ template <typename T> struct SdpaArgs {
   bool causal = false;
   T scale = 1;
   T* lse = nullptr;  // batch x L, or null
+  // Dropout on the probabilities (fastnn/_dropout.py defines the mask): probability (b, i, j) is dropped
+  // when word j % 4 of Philox4x32-10(counter (j / 4, i, b, offset), key (seed low, seed high) 32 bits) is
+  // below drop_threshold; the survivors are multiplied by keep_scale = 1 / (1 - p).
+  bool dropout = false;
+  uint32_t drop_threshold = 0, offset = 0;
+  uint64_t seed = 0;
+  double keep_scale = 1;
 };
 
 // Attention backward, flash-style (scores recomputed tile by tile from lse). Inputs as in SdpaArgs plus

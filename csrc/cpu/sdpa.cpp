@@ -8,6 +8,12 @@
 // runs down the columns with the queries in the vector lanes (no horizontal reductions); and
 // O += P V reads P^T in place as the A operand. (Scores as Q K^T instead needed K^T packed for every
 // query block, a strided gather that took a fifth of the time.)
+//
+// Dropout (SdpaArgs::dropout): the softmax sum l takes every probability, the dropped ones are then zeroed
+// in the tile before P V (forward) or before the gradient products (backward, which regenerates the same
+// bits), and 1 / (1 - p) scales the output. The bits depend on (seed, offset, head, query, key) only, so
+// the result is independent of tiling and threads. Key tiles start at multiples of 4 (one Philox call
+// covers 4 keys of a query; the queries are in the vector lanes).
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -16,6 +22,7 @@
 #include "cpu/gemm_kernel.h"
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
+#include "cpu/philox.h"
 #include "cpu/simd.h"
 
 namespace fastnn::cpu::FASTNN_ISA {
@@ -25,6 +32,34 @@ namespace {
 constexpr int64_t kBq = 8 * kMR;  // queries per block: whole A panels (backward); a multiple of NR and of the lanes
 template <typename T> constexpr int64_t kBc = 4 * kNR<T>;  // keys per block in the backward: whole B panels
 constexpr int64_t kFc = 16 * kMR;  // keys per block in the forward: whole A panels of K
+
+static_assert(kFc % 4 == 0, "dropout: forward key tiles must start at multiples of 4");
+
+// Zeroes the lanes of kU32Lanes consecutive values where keep is 0.
+FASTNN_INLINE void drop_lanes(float* p, I32Vec keep) { vstore(p, keep ? vload(p) : Vec<float>{}); }
+FASTNN_INLINE void drop_lanes(double* p, I32Vec keep) {
+  typedef int32_t Half __attribute__((vector_size(FASTNN_VEC_BYTES / 2)));
+  Half h[2];
+  std::memcpy(h, &keep, sizeof keep);
+  for (int k = 0; k < 2; ++k) {
+    const IVec<double> m = __builtin_convertvector(h[k], IVec<double>);
+    double* q = p + k * kLanes<double>;
+    vstore(q, m ? vload(q) : Vec<double>{});
+  }
+}
+
+// Dropout on the P^T tile of keys k0 .. k0 + bc (rows, stride ld) and queries q0 .. q0 + nq (columns,
+// nq a multiple of kU32Lanes) of head b.
+template <typename T>
+void dropout_tile_t(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t nq, int64_t k0, int64_t bc, T* St,
+                    int64_t ld) {
+  for (int64_t i = 0; i < nq; i += kU32Lanes)
+    for (int64_t j = 0; j < bc; j += 4) {
+      I32Vec keep[4];
+      dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
+      for (int64_t u = 0; u < 4 && j + u < bc; ++u) drop_lanes(St + (j + u) * ld + i, keep[u]);
+    }
+}
 
 template <typename T> struct SdpaWorkspace {
   int64_t ev_pad;
@@ -155,6 +190,7 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
       vstore(m + i, m_new);
       vstore(alpha + i, al);
     }
+    if (a.dropout) dropout_tile_t(a, b, q0, round_up(bq, kU32Lanes), k0, bc, St, ld);
     for (int64_t i = 0; i < bq; ++i) {
       if (alpha[i] == T(1)) continue;  // a NaN alpha is not 1: it rescales O to NaN
       T* o = Ob + i * ldo;
@@ -176,7 +212,7 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
   for (int64_t i = 0; i < bq; ++i) {
     // No allowed key (l == 0): zeros, not NaN. A NaN score makes l NaN and the row NaN, as in the oracle.
     const bool empty = l[i] == T(0);
-    const T inv = empty ? T(0) : T(1) / l[i];
+    const T inv = empty ? T(0) : (a.dropout ? T(a.keep_scale) : T(1)) / l[i];
     const T* o = Ob + i * ldo;
     for (int64_t c = 0; c < Ev; ++c) out[i * Ev + c] = empty ? T(0) : o[c] * inv;
     if (a.lse) a.lse[b * a.L + q0 + i] = empty ? ninf : m[i] + std::log(l[i]);
@@ -209,10 +245,58 @@ template void sdpa<double>(const SdpaArgs<double>&);
 //   dV_j += P^T dO,  dK_j += dS^T Q,  dQ_i += dS K_j
 // dK_j and dV_j accumulate in the workspace over all query blocks; dQ accumulates in the output.
 // Threads take whole heads, so no two threads write the same gradient.
+// Dropout, with Z = keep / (1 - p) the regenerated mask: dV_j += (P * Z)^T dO and dS = scale * P * (dP * Z - D)
+// (D = dO . O still: the output already holds the dropout).
+
+static_assert(kBc<float> % 4 == 0 && kBc<double> % 4 == 0, "dropout: backward key tiles must start at multiples of 4");
+
+// Z[i * ldz + j] = -1 (kept) or 0 (dropped): the keep mask of queries q0 .. q0 + bq and keys k0 .. k0 + bc of
+// head b. Philox gives it transposed (queries in the lanes, 4 keys per call); each 128-bit block of the 4
+// keep vectors is transposed with SSE2 unpacks into 4 rows of 4 keys.
+template <typename T>
+void dropout_keep_rows(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, int32_t* Z,
+                       int64_t ldz) {
+  for (int64_t i = 0; i < bq; i += kU32Lanes)
+    for (int64_t j = 0; j < bc; j += 4) {
+      I32Vec keep[4];
+      dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
+#if defined(__SSE2__)
+      // Z rows are padded to whole groups of 4 keys and query rows up to a multiple of the lanes (ldz, and
+      // the buffer's kBq rows): the 16-byte stores stay inside.
+      for (int64_t blk = 0; blk < kU32Lanes / 4; ++blk) {
+        __m128i r[4];
+        for (int u = 0; u < 4; ++u) std::memcpy(&r[u], reinterpret_cast<const char*>(&keep[u]) + 16 * blk, 16);
+        const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
+        const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+        int32_t* z = Z + (i + 4 * blk) * ldz + j;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(z), _mm_unpacklo_epi64(t0, t2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + ldz), _mm_unpackhi_epi64(t0, t2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + 2 * ldz), _mm_unpacklo_epi64(t1, t3));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + 3 * ldz), _mm_unpackhi_epi64(t1, t3));
+      }
+#else
+      for (int64_t l = 0; l < kU32Lanes; ++l)
+        for (int u = 0; u < 4; ++u) Z[(i + l) * ldz + j + u] = keep[u][l];
+#endif
+    }
+}
+
+// The dropout factor keep_scale or 0 of W consecutive keys, from their keep mask.
+FASTNN_INLINE Vec<float> keep_factor(const int32_t* z, Vec<float> ks) {
+  I32Vec m;
+  std::memcpy(&m, z, sizeof m);
+  return m ? ks : Vec<float>{};
+}
+FASTNN_INLINE Vec<double> keep_factor(const int32_t* z, Vec<double> ks) {
+  typedef int32_t Half __attribute__((vector_size(FASTNN_VEC_BYTES / 2)));
+  Half h;
+  std::memcpy(&h, z, sizeof h);
+  return __builtin_convertvector(h, IVec<double>) ? ks : Vec<double>{};
+}
 
 template <typename T> struct SdpaBackwardWorkspace {
   int64_t e_pad, ev_pad;
-  AlignedBuffer qp, kt, vt, p, dp, pt, dop, qb, dsp, kb, dk, dv;
+  AlignedBuffer qp, kt, vt, p, dp, pt, dop, qb, dsp, kb, dk, dv, z;
   std::vector<T> d;
   SdpaBackwardWorkspace(int64_t L, int64_t E, int64_t Ev)
       : e_pad(round_up(std::max<int64_t>(E, 1), kNR<T>)),
@@ -229,6 +313,7 @@ template <typename T> struct SdpaBackwardWorkspace {
         kb(sizeof(T) * kBc<T> * e_pad),                    // K_j as B panels (kc = bc)
         dk(sizeof(T) * kBc<T> * e_pad),
         dv(sizeof(T) * kBc<T> * ev_pad),
+        z(sizeof(int32_t) * round_up(kBq, kU32Lanes) * kBc<T>),  // dropout keep mask (row stride kBc)
         d(std::max<int64_t>(L, 1)) {}
 };
 
@@ -257,6 +342,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
   T* Kb = static_cast<T*>(ws.kb.p);
   T* dKa = static_cast<T*>(ws.dk.p);
   T* dVa = static_cast<T*>(ws.dv.p);
+  int32_t* Z = static_cast<int32_t*>(ws.z.p);
   const int64_t lde = ws.e_pad, ldev = ws.ev_pad;
   T* D = ws.d.data();
 
@@ -285,6 +371,7 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
       mask_scores<T>(a, b, q0, bq, k0, bc, P, Bc, int64_t(1));
       pack_a(dO + q0 * Ev, Ev, int64_t(1), bq, Ev, dOp);
       gemm_packed(dOp, Vt, bq, bc, Ev, dP, Bc, false);
+      if (a.dropout) dropout_keep_rows(a, b, q0, bq, k0, bc, Z, Bc);
       for (int64_t i = 0; i < bq; ++i) {
         const T l = lse[q0 + i], di = D[q0 + i];
         T* pr = P + i * Bc;
@@ -295,6 +382,21 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
         }
         const Vec<T> lv = vset<T>(l), dv = vset<T>(di), sv = vset<T>(a.scale);
         int64_t j = 0;
+        if (a.dropout) {
+          const int32_t* zr = Z + i * Bc;
+          const Vec<T> ksv = vset<T>(T(a.keep_scale));
+          for (; j + W <= bc; j += W) {
+            const Vec<T> pj = vexp(vload(pr + j) - lv), zj = keep_factor(zr + j, ksv);
+            vstore(pr + j, pj * zj);
+            vstore(dr + j, sv * pj * (vload(dr + j) * zj - dv));
+          }
+          for (; j < bc; ++j) {
+            const T pj = std::exp(pr[j] - l), zj = zr[j] ? T(a.keep_scale) : T(0);
+            pr[j] = pj * zj;
+            dr[j] = a.scale * pj * (dr[j] * zj - di);
+          }
+          continue;
+        }
         for (; j + W <= bc; j += W) {
           const Vec<T> pj = vexp(vload(pr + j) - lv);
           vstore(pr + j, pj);

@@ -1,0 +1,188 @@
+"""The gpt_step benchmark: tokens per second of one GPT training step (forward, backward, AdamW) with
+fastnn's kernels (fastnn.torch.patch() and fastnn.torch.AdamW) and with stock PyTorch, on 1 and 2 threads,
+and the peak memory of each.
+
+The model is examples/train_gpt.py's (the test suite checks both define the same network): 6 layers,
+6 heads, d_model 384, context 256, batch 8, vocabulary 98, float32, dropout 0. Each (implementation,
+threads) pair runs in its own process, so the peak resident memory it reports (VmHWM, reset after the
+model is built) is that configuration's alone: activations, gradients, optimizer state, workspaces.
+
+    python -m fastnn._gpt_bench [--threads 1 2] [--steps 10] [--warmup 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+CONFIG = dict(n_layer=6, n_head=6, d_model=384, block_size=256, batch_size=8, vocab=98)
+
+
+def build_model(torch, n_layer, n_head, d_model, block_size, vocab, dropout=0.0):
+    """examples/train_gpt.py's GPT: pre-LayerNorm blocks of causal self-attention and a GELU MLP, output
+    head tied to the token embedding, GPT-2 initialisation."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1 = nn.LayerNorm(d_model)
+            self.qkv = nn.Linear(d_model, 3 * d_model)
+            self.proj = nn.Linear(d_model, d_model)
+            self.ln2 = nn.LayerNorm(d_model)
+            self.fc = nn.Linear(d_model, 4 * d_model)
+            self.out = nn.Linear(4 * d_model, d_model)
+            self.drop = nn.Dropout(dropout)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout if self.training else 0.0)
+            x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+            return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block_size = block_size
+            self.tok = nn.Embedding(vocab, d_model)
+            self.pos = nn.Embedding(block_size, d_model)
+            self.drop = nn.Dropout(dropout)
+            self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
+            self.ln_f = nn.LayerNorm(d_model)
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "out.weight")) else 0.02
+                    nn.init.normal_(p, 0.0, std)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(p)
+
+        def forward(self, idx, targets):
+            x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
+            for block in self.blocks:
+                x = block(x)
+            logits = F.linear(self.ln_f(x), self.tok.weight)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    return GPT()
+
+
+def _vm(key):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM to the current RSS
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(impl, threads, steps, warmup):
+    """One configuration in this process: {"tokens_per_s", "peak_bytes", ...} or {"error": why}."""
+    import torch
+    torch.set_num_threads(threads)
+    ctx, opt_cls = None, torch.optim.AdamW
+    if impl == "fastnn":
+        try:
+            import fastnn
+            import fastnn.torch as ft
+        except ImportError as e:
+            return {"error": f"fastnn.torch unavailable ({e})"}
+        fastnn.set_num_threads(threads)
+        ctx, opt_cls = ft.patched, ft.AdamW
+    c = CONFIG
+    torch.manual_seed(0)
+    model = build_model(torch, c["n_layer"], c["n_head"], c["d_model"], c["block_size"], c["vocab"])
+    opt = opt_cls(model.parameters(), lr=3e-4, betas=(0.9, 0.99), weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, c["vocab"], (c["batch_size"], c["block_size"]), generator=g)
+    y = torch.randint(0, c["vocab"], (c["batch_size"], c["block_size"]), generator=g)
+
+    def step():
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    import contextlib
+    with (ctx() if ctx else contextlib.nullcontext()):
+        base = _vm("VmRSS")
+        peak_ok = _reset_peak()
+        losses = [step() for _ in range(warmup)]
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - t)
+        peak = _vm("VmHWM") if peak_ok else None
+    tokens = c["batch_size"] * c["block_size"]
+    times.sort()
+    return {"tokens_per_s": tokens / times[len(times) // 2], "best_tokens_per_s": tokens / times[0],
+            "peak_bytes": None if peak is None or base is None else peak - base,
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def run(threads=(1, 2), steps=10, warmup=2, impls=("torch", "fastnn")):
+    """Runs every (impl, threads) pair in a child process; returns the rows."""
+    rows = []
+    for t in threads:
+        for impl in impls:
+            cmd = [sys.executable, "-m", "fastnn._gpt_bench", "--child", impl, str(t), str(steps), str(warmup)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(t))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            try:
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                res = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+            rows.append(dict(impl=impl, threads=t, **res))
+    return rows
+
+
+def report(rows):
+    lines = ["gpt_step: 6 layers, 6 heads, d_model 384, context 256, batch 8, vocab 98, float32; "
+             "fwd + bwd + AdamW, median of the timed steps",
+             f"{'impl':<8}{'threads':>8}{'tokens/s':>12}{'vs torch':>10}{'peak MiB':>10}"]
+    torch_tps = {r["threads"]: r.get("tokens_per_s") for r in rows if r["impl"] == "torch"}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['impl']:<8}{r['threads']:>8}  {r['error']}")
+            continue
+        ratio = r["tokens_per_s"] / torch_tps[r["threads"]] if torch_tps.get(r["threads"]) else float("nan")
+        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        lines.append(f"{r['impl']:<8}{r['threads']:>8}{r['tokens_per_s']:>12,.0f}{ratio:>9.2f}x{peak:>10}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="gpt_step: GPT training-step throughput, fastnn vs stock PyTorch")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--impl", nargs="+", choices=["torch", "fastnn"], default=["torch", "fastnn"])
+    p.add_argument("--child", nargs=4, metavar=("IMPL", "THREADS", "STEPS", "WARMUP"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        impl, t, s, w = args.child
+        print(json.dumps(measure(impl, int(t), int(s), int(w))))
+        return
+    print(report(run(args.threads, args.steps, args.warmup, args.impl)))
+
+
+if __name__ == "__main__":
+    main()
