@@ -287,7 +287,7 @@ def _bad_calls(rng):
         ("cross_entropy labels dtype", lambda b: F.cross_entropy(b(x), b(np.zeros(4, np.float32)))),
         ("sdpa scale inf", lambda b: F.scaled_dot_product_attention(b(q), b(q), b(q), scale=float("inf"))),
         ("sdpa scale nan", lambda b: F.scaled_dot_product_attention(b(q), b(q), b(q), scale=float("nan"))),
-        ("sdpa dropout", lambda b: F.scaled_dot_product_attention(b(q), b(q), b(q), dropout_p=0.5)),
+        ("sdpa dropout", lambda b: F.scaled_dot_product_attention(b(q), b(q), b(q), dropout_p=1.0)),
         ("sdpa mask dtype", lambda b: F.scaled_dot_product_attention(b(q), b(q), b(q),
                                                                      attn_mask=b(np.ones((5, 5), np.int8)))),
         ("sdpa mask+causal", lambda b: F.scaled_dot_product_attention(b(q), b(q), b(q), b(np.ones((5, 5), bool)),

@@ -75,10 +75,10 @@ def test_fastnn_curve_matches_torch(gpt):
     assert diff[:10].max() < 1e-4 and diff.max() < 2e-3, f"largest difference {diff.max():.2e}"
 
 
-# ---- the gpt_step bench (fastnn/_gpt_bench.py) -----------------------------------------------------------
+# ---- the gpt_step bench (fastnn/bench/gpt.py) -----------------------------------------------------------
 
 def test_bench_model_is_the_examples(gpt):
-    from fastnn import _gpt_bench
+    from fastnn.bench import gpt as _gpt_bench
     torch.manual_seed(3)
     a = gpt.GPT(gpt.VOCAB, 32, 2, 2, 32, 0.0)
     torch.manual_seed(3)
@@ -92,7 +92,7 @@ def test_bench_model_is_the_examples(gpt):
 
 
 def test_bench_measures_and_reports(monkeypatch):
-    from fastnn import _gpt_bench
+    from fastnn.bench import gpt as _gpt_bench
     monkeypatch.setitem(_gpt_bench.CONFIG, "n_layer", 1)
     monkeypatch.setitem(_gpt_bench.CONFIG, "d_model", 24)
     monkeypatch.setitem(_gpt_bench.CONFIG, "n_head", 2)

@@ -10,8 +10,9 @@ PUBLIC = {
     "scaled_dot_product_attention", "scaled_dot_product_attention_backward", "set_cpu_isa",
     "set_num_threads", "softmax", "softmax_backward",
 }
-# Public submodules: the oracles, and what `python -m fastnn` and the package's own imports load.
-SUBMODULES = {"reference", "bench", "train"}
+# Public submodules: the oracles, the PyTorch integration, and what `python -m fastnn` and the package's
+# own imports load.
+SUBMODULES = {"reference", "bench", "train", "torch"}  # torch: fastnn.torch, once imported
 
 
 def test_public_names_are_exactly_the_api():

@@ -25,7 +25,6 @@ import numpy as np
 
 import fastnn
 
-from .extra import register
 
 # Long enough for OpenBLAS's idle workers (which poll for about 0.1 s after a call) to go to sleep before
 # the next loop starts: each loop is timed from a quiet machine.
@@ -210,6 +209,3 @@ def bench(args):
                        "cores": os.cpu_count(), "rows": rows}, f, indent=1)
     return 0
 
-
-register("coexist", bench, "each fastnn op right after a NumPy BLAS / PyTorch call, against the two alone "
-         "(thread-pool interference)")

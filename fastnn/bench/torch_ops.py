@@ -3,7 +3,7 @@ forward+backward at 1 and 2 threads, an optimizer step over 100 tensors of 10,00
 torch.optim.AdamW(fused=True) and (foreach=True), and the per-call overhead on a tiny tensor with the size
 where fastnn starts to win. Every case is validated against torch before it is timed.
 
-    python -m fastnn._torch_bench [--quick] [--threads 1,2]
+    fastnn bench --op torch [--quick] [--threads 1,2]   (or python -m fastnn.bench.torch_ops)
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fastnn
 import fastnn.torch as ft
+
 
 
 def timeit(fn, min_time=0.2, repeats=5) -> float:
@@ -172,6 +173,12 @@ def main(argv=None) -> None:
         print(f"| {label} | {fmt(t)} |")
     print("\nfastnn.torch faster than torch from (elements, 1 thread): "
           + ", ".join(f"{k}: {v if v else '> 4M'}" for k, v in crossover.items()))
+
+
+def bench(args) -> int:
+    """`fastnn bench --op torch`: the tables for args.threads (default 1,2), smaller sizes with args.quick."""
+    main((["--quick"] if args.quick else []) + (["--threads", args.threads] if args.threads else []))
+    return 0
 
 
 if __name__ == "__main__":

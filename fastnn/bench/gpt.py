@@ -7,7 +7,7 @@ The model is examples/train_gpt.py's (the test suite checks both define the same
 threads) pair runs in its own process, so the peak resident memory it reports (VmHWM, reset after the
 model is built) is that configuration's alone: activations, gradients, optimizer state, workspaces.
 
-    python -m fastnn._gpt_bench [--threads 1 2] [--steps 10] [--warmup 2]
+    python -m fastnn.bench.gpt [--threads 1 2] [--steps 10] [--warmup 2]
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def run(threads=(1, 2), steps=10, warmup=2, impls=("torch", "fastnn")):
     rows = []
     for t in threads:
         for impl in impls:
-            cmd = [sys.executable, "-m", "fastnn._gpt_bench", "--child", impl, str(t), str(steps), str(warmup)]
+            cmd = [sys.executable, "-m", "fastnn.bench.gpt", "--child", impl, str(t), str(steps), str(warmup)]
             env = dict(os.environ, OMP_NUM_THREADS=str(t))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             try:
@@ -182,6 +182,13 @@ def main(argv=None):
         print(json.dumps(measure(impl, int(t), int(s), int(w))))
         return
     print(report(run(args.threads, args.steps, args.warmup, args.impl)))
+
+
+def bench(args) -> int:
+    """`fastnn bench --op gpt_step`: tokens/s for args.threads (default 1 and 2), fewer steps with args.quick."""
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [1, 2]
+    main(["--threads", *map(str, threads)] + (["--steps", "3", "--warmup", "1"] if args.quick else []))
+    return 0
 
 
 if __name__ == "__main__":
