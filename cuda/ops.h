@@ -41,7 +41,7 @@ void gemm(int device, int dtype, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_
 // ptr + off[z] + row * rs with unit column stride (device int64 offset arrays). mask_kind: 0 none,
 // 1 bool (uint8, nonzero = may attend), 2 additive (dtype of q); element mask[m_off[z] + i*m_rs + j*m_cs].
 // causal: key j allowed for query i iff j <= i. A query row with no allowed key gives zeros and lse -inf.
-// lse: 0 or (nbatch, L) contiguous in q's dtype. dropout: probability (z, i, j) dropped when word j % 4 of
+// lse: 0 or (nbatch, L) contiguous float32 for every dtype. dropout: probability (z, i, j) dropped when word j % 4 of
 // Philox4x32-10(counter (j / 4, i, z, offset), key (seed low, seed high)) < drop_threshold; survivors times
 // keep_scale (fastnn/_dropout.py).
 void sdpa(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t q_off,

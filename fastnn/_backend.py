@@ -35,7 +35,7 @@ class Cpu:
     xp = np
     float_dtypes = (np.dtype(np.float32), np.dtype(np.float64))
     dtype_names = "float32 or float64"
-    device = "CPU"
+    kind = "CPU"  # the compute device, as messages name it
 
     def __init__(self, family=None):
         self.family = family
@@ -371,7 +371,7 @@ def adopt(op: str, arrays: dict, writes=()):
         try:
             a = native(v)
         except (TypeError, RuntimeError, BufferError, ValueError) as e:
-            raise TypeError(f"{name}: this {family.name} cannot be viewed as a {bk.device} array: {e}") from None
+            raise TypeError(f"{name}: this {family.name} cannot be viewed as a {bk.kind} array: {e}") from None
         if family.gpu:
             bk.claim(a, name)
         if name in writes:

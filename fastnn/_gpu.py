@@ -118,7 +118,7 @@ class Cuda:
 
     float_dtypes = (np.dtype(np.float32), np.dtype(np.float16))
     dtype_names = "float32 or float16"
-    device = "GPU"
+    kind = "GPU"  # the compute device, as messages name it (self.device is the device id)
     fast = False
 
     def __init__(self, op: str, family=None):

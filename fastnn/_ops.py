@@ -827,7 +827,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, b
             continue
         _floats(bk, x, name)
         if want != p.dtype and x.dtype != want:
-            raise TypeError(f"{name}: expected a {want} array (the moments are {want} on the {bk.device}), got "
+            raise TypeError(f"{name}: expected a {want} array (the moments are {want} on the {bk.kind}), got "
                             f"dtype {x.dtype}")
         if want == p.dtype:
             _same_dtype(p, "param", x, name)

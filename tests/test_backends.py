@@ -236,7 +236,7 @@ class _Boxed:
 class _FakeGpu(_backend.Cpu):
     """A stand-in GPU backend: the numpy CPU backend's kernels behind the GPU backend's role (claims its
     arrays, no compiled fast paths)."""
-    device = "GPU"
+    kind = "GPU"
 
     def __init__(self, family):
         super().__init__(family)

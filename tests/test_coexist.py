@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-import fastnn
+from conftest import pkg_env
 
 LIMIT = 2.0
 
@@ -63,11 +63,9 @@ def test_neighbour_then_fastnn_within_2x_of_isolated(neighbour, op):
     pytest.importorskip("threadpoolctl")
     if neighbour.startswith("torch") and not _have("torch"):
         pytest.skip("torch is not installed")
-    env = dict(os.environ)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))
-    env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, neighbour, op, str(LIMIT)], env=env, capture_output=True,
-                       text=True, timeout=600)
+    # cwd: not the repository root, whose fastnn/ (the sources) would shadow the installed package.
+    r = subprocess.run([sys.executable, "-c", _SCRIPT, neighbour, op, str(LIMIT)], env=pkg_env(), capture_output=True,
+                       text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     attempts = json.loads(r.stdout.strip().splitlines()[-1])
     detail = "; ".join(f"pair {a['pair_ms']:.3f} ms vs {a['neighbour_ms']:.3f} + {a['fastnn_ms']:.3f} ms alone "

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-import fastnn
+from conftest import pkg_env
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
 
@@ -97,11 +97,10 @@ _FORK_DURING_CALL = _PRELUDE + textwrap.dedent("""
 
 
 def run_script(code, timeout=180):
-    env = dict(os.environ)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))
-    env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
+    # cwd: not the repository root, whose fastnn/ (the sources) would shadow the installed package.
     try:
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run([sys.executable, "-c", code], env=pkg_env(), capture_output=True, text=True,
+                           timeout=timeout, cwd=os.path.dirname(os.path.abspath(__file__)))
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"hung for {timeout} s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (

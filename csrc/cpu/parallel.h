@@ -36,7 +36,7 @@ constexpr int64_t kChunksPerThread = 4;
 namespace detail {
 template <typename F> inline void run_ranges(int64_t n, int64_t nt, int64_t pieces, F& f) {
   struct Ctx { F* f; int64_t n, pieces; } ctx{&f, n, pieces};
-  auto run = [](void* p, int64_t c) {
+  auto run = [](void* p, int64_t c) noexcept {  // a throw terminates: it cannot leave a pool call half done
     const Ctx& x = *static_cast<const Ctx*>(p);
     (*x.f)(x.n * c / x.pieces, x.n * (c + 1) / x.pieces);
   };
@@ -63,7 +63,7 @@ template <typename F> inline void parallel_for(int64_t n, int64_t grain, F&& f) 
 template <typename F> inline void parallel_items(int64_t n, int64_t nt, F&& f) {
   if (n <= 0) return;
   nt = std::max<int64_t>(1, std::min(nt, n));
-  auto run = [](void* p, int64_t i) { (*static_cast<F*>(p))(i); };
+  auto run = [](void* p, int64_t i) noexcept { (*static_cast<F*>(p))(i); };
   if (nt > 1 && run_parallel(n, static_cast<int>(nt), run, &f)) return;
   for (int64_t i = 0; i < n; ++i) f(i);
 }

@@ -21,9 +21,10 @@ from ._convert import run
 # torch's own attention, captured before any patch: the dropout_p > 0 path (see scaled_dot_product_attention).
 _torch_sdpa = torch.nn.functional.scaled_dot_product_attention
 
-# Whether fastnn's attention kernel takes dropout_p itself; while False, dropout_p > 0 runs torch's function
-# (scaled_dot_product_attention below and the patch). The one switch: when fastnn's attention gets dropout,
-# set it True and pass dropout_p (with the RNG state the backward needs) through the fastnn op _sdpa.
+# While False, dropout_p > 0 runs torch's function (scaled_dot_product_attention below and the patch).
+# fastnn's kernel has dropout (dropout_p, rng; rng_state for the backward), but the op _sdpa and the patch
+# pass 0.0: turning this on needs dropout_p and the (seed, offset) carried through _sdpa, its fake, its
+# saved context and _sdpa_backward first, or dropout would silently be skipped.
 FASTNN_ATTENTION_DROPOUT = False
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -423,8 +424,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev); attn_mask bool
     (True = may attend) or a float tensor of the query's dtype (added; no gradient flows to it),
     broadcastable to (..., L, S); is_causal aligned top-left as torch; scale default 1/sqrt(E); enable_gqa
-    as torch. A query row with no allowed key gives zeros. dropout_p > 0 runs torch's own function (fastnn's
-    attention has no dropout yet)."""
+    as torch. A query row with no allowed key gives zeros. dropout_p > 0 runs torch's own function (the
+    fastnn kernel has dropout, but this op does not carry its seed through autograd yet)."""
     if dropout_p > 0 and not FASTNN_ATTENTION_DROPOUT:
         gqa = {"enable_gqa": True} if enable_gqa else {}  # torch < 2.5 has no enable_gqa
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
