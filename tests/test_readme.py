@@ -56,6 +56,9 @@ def test_readme_has_python_blocks_and_quick_start():
 def test_readme_python_block_runs(start, source, tmp_path):
     if re.search(r"^import cupy", source, re.M) and not fastnn.cuda_is_available():
         pytest.skip("a GPU block: fastnn.cuda_is_available() is False here")
+    for framework in ("torch", "jax"):  # optional extras: a block that needs one runs where it is installed
+        if re.search(rf"^(import|from) {framework}\b", source, re.M):
+            pytest.importorskip(framework, reason=f"a {framework} block: {framework} is not installed here")
     # In a child process, as a user pastes it: nothing leaks between blocks or into the test session.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(fastnn.__file__).resolve().parent.parent)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
