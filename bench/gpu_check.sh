@@ -384,11 +384,11 @@ bench_args=(--out "$out")
 t_bench=$SECONDS
 run_step bench "$out/bench.log" "$PY" "$repo/bench/gpu_bench.py" "${bench_args[@]}"
 if [ $rehearse = 1 ]; then
-  if [ $step_rc -ne 0 ] && [ $step_rc -lt 124 ] && grep -q "no usable GPU" "$out/bench.log" && "$PY" -c "
+  if [ $step_rc -ne 0 ] && [ $step_rc -lt 124 ] && grep -q "no usable GPU" "$out/bench.log" && (cd "$work" && "$PY" -c "
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location('gpu_bench', '$repo/bench/gpu_bench.py')
 m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
-sys.exit(m.self_test())" >> "$out/bench.log" 2>&1; then
+sys.exit(m.self_test())") >> "$out/bench.log" 2>&1; then  # cd: python -c puts the working directory first
     step_s=$((SECONDS - t_bench))
     record bench "ok (rehearsal: gpu_bench.py stops on the missing GPU; its checks' tolerances self-tested)" "$step_s"
   else step_rc=1; verdict bench "see bench.log"; fi
