@@ -96,7 +96,7 @@ def probe_loops(obj):
                 jump = re.match(r"j\w+\s+([0-9a-f]+)\b", text)
                 if jump and int(jump.group(1), 16) < addr:
                     loop = [t for a, t in body[:i + 1] if a >= int(jump.group(1), 16)]
-                    if ("fma_seconds" in function or "peak_gflops" in function) and sum(
+                    if "fma_seconds" in function and sum(
                             bool(_ARITH.match(t)) for t in loop) >= 8:
                         loops.append((function, len(loop), [t for t in loop if "(%" in t and not t.startswith("nop")]))
             body = []

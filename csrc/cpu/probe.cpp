@@ -30,7 +30,9 @@ constexpr int kVecRegisters = 16;
 constexpr int kChains = kVecRegisters == 32 ? 16 : 12;
 static_assert(kChains + 2 < kVecRegisters, "the probe's chains must fit in the vector registers");
 
-template <typename T> double fma_seconds(int64_t iters, T* sink) {
+// Out of line: its loop is the one tools/check_isa_objects.py checks for spills (inlined into the pool
+// call, the caller's own loops would be mixed in).
+template <typename T> __attribute__((noinline)) double fma_seconds(int64_t iters, T* sink) {
   constexpr int A = kChains;
   Vec<T> acc[A];
 #pragma GCC unroll 16
