@@ -1,6 +1,7 @@
 """One rank of the DDP test (tests/test_torch_ddp.py): a small model of fastnn.torch ops trained with
 fastnn.torch.AdamW under DistributedDataParallel (gloo, loopback). Run as
 `python torch_ddp_worker.py RANK WORLD PORT OUT`; rank 0 saves the final parameters to OUT."""
+import gc
 import sys
 
 import torch
@@ -44,6 +45,12 @@ def main(rank, world, port, out):
     train(ddp, x[shard], t[shard])  # DDP averages the ranks' gradients: the full batch's mean gradient
     if rank == 0:
         torch.save(model.state_dict(), out)
+    # Tear down before the interpreter does: a gloo worker thread still holding the reducer's last work could
+    # otherwise ask for the GIL during finalization, be ended by Python, and abort the process (torch's
+    # shutdown order, not a fastnn kernel).
+    dist.barrier()
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
 
 
