@@ -98,3 +98,26 @@ def test_compile_patched_aot_eager():
 def test_compile_patched_inductor():
     """The default backend (inductor) once, on the patched plain model."""
     check(Plain, "inductor", patch=True)
+
+
+def test_compile_attention_dropout():
+    """Attention with dropout compiles into one graph: the seed is drawn by a traced torch.randint (no .item()
+    break) and passed to the op as a tensor; under aot_eager the draw and the results are eager's."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(q):
+        return ft.scaled_dot_product_attention(q, q, q, dropout_p=0.3).square().sum()
+
+    torch._dynamo.reset()
+    backend, graphs = recording()
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        torch.manual_seed(7)
+        loss = fn(q)
+        (grad,) = torch.autograd.grad(loss, q)
+        results.append((loss.detach(), grad))
+    assert "torch.ops.fastnn.scaled_dot_product_attention.default" in graphs[0]
+    assert "torch.ops.fastnn.scaled_dot_product_attention_backward.default" in graphs[1]
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)

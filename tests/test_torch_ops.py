@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="fastnn.torch needs PyTorch (pip install 'fastnn[torch]')")
@@ -48,7 +49,9 @@ def _opcheck_cases():
     r = lambda *s, g=True: rand(*s, grad=g)  # noqa: E731
     t = torch.tensor([0, 2, -100, 1, 1])
     q, k, v = r(2, 4, 5, 8), r(2, 2, 6, 8), r(2, 2, 6, 3)
-    o, lse = ops.scaled_dot_product_attention(q, k, v, None, True, None, True)
+    o, lse = ops.scaled_dot_product_attention(q, k, v, None, 0.0, True, None, True, None)
+    seed = torch.tensor(12345)
+    od, lsed = ops.scaled_dot_product_attention(q, k, v, None, 0.25, False, None, True, seed)
     return [
         ("linear", (r(5, 7), r(3, 7), r(3), "relu")),
         ("linear", (r(2, 5, 7), r(3, 7), None, None)),
@@ -63,12 +66,17 @@ def _opcheck_cases():
         ("cross_entropy", (r(5, 7), t, "mean", -100)),
         ("cross_entropy", (r(5, 7), t.clamp(min=0), "sum", 2)),
         ("cross_entropy", (r(5, 7), t, "none", -100)),
-        ("scaled_dot_product_attention", (q, k, v, None, True, None, True)),
-        ("scaled_dot_product_attention", (r(3, 5, 8), r(3, 6, 8), r(3, 6, 3), live_mask(5, 6), False, 0.3, False)),
-        ("scaled_dot_product_attention", (r(5, 8), r(6, 8), r(6, 3), r(5, 6, g=False), False, None, False)),
+        ("scaled_dot_product_attention", (q, k, v, None, 0.0, True, None, True, None)),
+        ("scaled_dot_product_attention", (q, k, v, None, 0.25, False, None, True, seed)),
+        ("scaled_dot_product_attention",
+         (r(3, 5, 8), r(3, 6, 8), r(3, 6, 3), live_mask(5, 6), 0.0, False, 0.3, False, None)),
+        ("scaled_dot_product_attention", (r(5, 8), r(6, 8), r(6, 3), r(5, 6, g=False), 0.0, False, None, False, None)),
         ("scaled_dot_product_attention_backward",
-         (r(2, 4, 5, 3, g=False), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), None, True, None,
-          True)),
+         (r(2, 4, 5, 3, g=False), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), None, 0.0, True, None,
+          True, None)),
+        ("scaled_dot_product_attention_backward",
+         (r(2, 4, 5, 3, g=False), q.detach(), k.detach(), v.detach(), od.detach(), lsed.detach(), None, 0.25, False,
+          None, True, seed)),
     ]
 
 
@@ -244,12 +252,76 @@ def test_sdpa_vs_torch(dtype, kw, l, s, e):
                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw), inputs, dtype)
 
 
-def test_sdpa_dropout_goes_to_torch():
-    q, k, v = rand(1, 2, 5, 4), rand(1, 2, 6, 4), rand(1, 2, 6, 4)
-    torch.manual_seed(0)
-    got = ft.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    torch.manual_seed(0)
-    same(got, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5), torch.float64)
+def _seed_after(torch_seed):
+    """The dropout seed fastnn.torch's attention draws first after torch.manual_seed(torch_seed)."""
+    torch.manual_seed(torch_seed)
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(enable_gqa=True), dict(mask="bool")],
+                         ids=["plain", "causal", "gqa", "bool-mask"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_dropout_is_the_kernels(kw, dtype):
+    """dropout_p > 0 runs fastnn's kernel with a seed drawn from torch's generator: the output is the NumPy API's
+    for that seed, the gradients the backward kernel's with the same rng_state, and both match the oracle."""
+    import fastnn
+    from fastnn import reference
+    kw = dict(kw)
+    hkv = 2 if kw.get("enable_gqa") else 4
+    if kw.pop("mask", None):
+        kw["attn_mask"] = live_mask(9, 11)
+    q, k, v = rand(2, 4, 9, 8, dtype=dtype, grad=True), rand(2, hkv, 11, 8, dtype=dtype, grad=True), \
+        rand(2, hkv, 11, 5, dtype=dtype, grad=True)
+    g = rand(2, 4, 9, 5, dtype=dtype)
+    seed = _seed_after(3)
+    torch.manual_seed(3)
+    out = ft.scaled_dot_product_attention(q, k, v, dropout_p=0.4, **kw)
+    out.backward(g)
+    npkw = {key: (val.numpy() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    arrs = [t.detach().numpy() for t in (q, k, v)]
+    o, lse, state = fastnn.scaled_dot_product_attention(*arrs, dropout_p=0.4, return_lse=True, rng=seed, **npkw)
+    assert state == (seed, 0)
+    torch.testing.assert_close(out.detach(), torch.from_numpy(o), rtol=0, atol=0)
+    grads = fastnn.scaled_dot_product_attention_backward(g.numpy(), *arrs, o, lse, dropout_p=0.4, rng_state=state,
+                                                         **npkw)
+    for t, want in zip((q, k, v), grads):
+        torch.testing.assert_close(t.grad, torch.from_numpy(want), rtol=0, atol=0)
+    # and the float64 oracle, with the same mask
+    arrs64 = [a.astype(np.float64) for a in arrs]
+    o_ref = reference.scaled_dot_product_attention(*arrs64, dropout_p=0.4, rng=state, **npkw)
+    torch.testing.assert_close(out.detach().double(), torch.from_numpy(o_ref), **TOL[dtype])
+    dropped = np.count_nonzero(o_ref != reference.scaled_dot_product_attention(*arrs64, **npkw))
+    assert dropped > o_ref.size // 2  # the mask did something
+
+
+def test_sdpa_dropout_gradcheck():
+    """The backward regenerates the forward's mask: with the seed fixed per call, gradcheck sees one function."""
+    q, k, v = rand(1, 2, 5, 4, grad=True), rand(1, 2, 6, 4, grad=True), rand(1, 2, 6, 3, grad=True)
+
+    def fn(q, k, v):
+        torch.manual_seed(11)
+        return ft.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+
+    gradcheck(fn, q, k, v)
+
+
+def test_sdpa_dropout_seeded_by_torch():
+    q = rand(1, 2, 16, 8)
+    torch.manual_seed(5)
+    a = ft.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    b = ft.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    torch.manual_seed(5)
+    assert torch.equal(ft.scaled_dot_product_attention(q, q, q, dropout_p=0.5), a)  # torch.manual_seed repeats
+    assert not torch.equal(a, b)                                                    # each call a fresh mask
+    assert torch.equal(ft.scaled_dot_product_attention(q, q, q, dropout_p=0.0),
+                       ft.scaled_dot_product_attention(q, q, q))
+
+
+@pytest.mark.parametrize("p,exc", [(1.0, ValueError), (-0.1, ValueError), ("0.1", TypeError), (True, TypeError)])
+def test_sdpa_bad_dropout_p(p, exc):
+    q = rand(1, 2, 4, 8)
+    with pytest.raises(exc, match="dropout_p"):
+        ft.scaled_dot_product_attention(q, q, q, dropout_p=p)
 
 
 def test_inputs_unchanged():

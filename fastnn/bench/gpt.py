@@ -8,6 +8,7 @@ threads) pair runs in its own process, so the peak resident memory it reports (V
 model is built) is that configuration's alone: activations, gradients, optimizer state, workspaces.
 
     python -m fastnn.bench.gpt [--threads 1 2] [--steps 10] [--warmup 2]
+    python -m fastnn.bench.gpt --profile [--threads 1]     # where each implementation's step goes
 """
 from __future__ import annotations
 
@@ -92,17 +93,20 @@ def _reset_peak():
         return False
 
 
-def measure(impl, threads, steps, warmup):
-    """One configuration in this process: {"tokens_per_s", "peak_bytes", ...} or {"error": why}."""
+def _setup(impl, threads):
+    """(model, optimizer, x, y, patch context) of one implementation on `threads` threads, or a str saying
+    why it cannot run."""
+    import contextlib
+
     import torch
     torch.set_num_threads(threads)
-    ctx, opt_cls = None, torch.optim.AdamW
+    ctx, opt_cls = contextlib.nullcontext, torch.optim.AdamW
     if impl == "fastnn":
         try:
             import fastnn
             import fastnn.torch as ft
         except ImportError as e:
-            return {"error": f"fastnn.torch unavailable ({e})"}
+            return f"fastnn.torch unavailable ({e})"
         fastnn.set_num_threads(threads)
         ctx, opt_cls = ft.patched, ft.AdamW
     c = CONFIG
@@ -112,30 +116,122 @@ def measure(impl, threads, steps, warmup):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, c["vocab"], (c["batch_size"], c["block_size"]), generator=g)
     y = torch.randint(0, c["vocab"], (c["batch_size"], c["block_size"]), generator=g)
+    return model, opt, x, y, ctx
 
-    def step():
-        loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
 
-    import contextlib
-    with (ctx() if ctx else contextlib.nullcontext()):
+def _step(model, opt, x, y):
+    loss = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def measure(impl, threads, steps, warmup):
+    """One configuration in this process: {"tokens_per_s", "peak_bytes", ...} or {"error": why}."""
+    setup = _setup(impl, threads)
+    if isinstance(setup, str):
+        return {"error": setup}
+    model, opt, x, y, ctx = setup
+    with ctx():
         base = _vm("VmRSS")
         peak_ok = _reset_peak()
-        losses = [step() for _ in range(warmup)]
+        losses = [_step(model, opt, x, y) for _ in range(warmup)]
         times = []
         for _ in range(steps):
             t = time.perf_counter()
-            losses.append(step())
+            losses.append(_step(model, opt, x, y))
             times.append(time.perf_counter() - t)
         peak = _vm("VmHWM") if peak_ok else None
+    c = CONFIG
     tokens = c["batch_size"] * c["block_size"]
     times.sort()
     return {"tokens_per_s": tokens / times[len(times) // 2], "best_tokens_per_s": tokens / times[0],
             "peak_bytes": None if peak is None or base is None else peak - base,
             "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+# Which part of the model each profiled operator belongs to (first match of a substring of its lower-cased
+# name; torch's optimizers record their step as "Optimizer.step#AdamW.step").
+PARTS = (("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+         ("optimizer (AdamW)", ("optimizer", "adam", "_foreach_")),
+         ("matmul / linear", ("fastnn.linear", "fastnn.matmul", "aten::mm", "aten::addmm", "aten::bmm",
+                              "aten::linear", "aten::matmul")),
+         ("cross-entropy", ("cross_entropy", "log_softmax", "nll_loss")),
+         ("LayerNorm", ("layer_norm",)),
+         ("GELU", ("gelu",)),
+         ("embedding", ("embedding",)))
+
+
+def _part(name):
+    name = name.lower()
+    return next((part for part, keys in PARTS if any(k in name for k in keys)), "other")
+
+
+def profile(impl, threads, steps=2, warmup=1):
+    """Self CPU time per part of one training step (torch.profiler; fastnn's kernels timed as ranges named
+    after their function): {"parts": {part: seconds per step}, "top": [(operator, seconds per step)]}."""
+    import torch
+    from torch.profiler import ProfilerActivity, record_function
+    setup = _setup(impl, threads)
+    if isinstance(setup, str):
+        return {"error": setup}
+    model, opt, x, y, ctx = setup
+    if impl == "fastnn":
+        from fastnn.torch import _ops
+        plain_run = _ops.run
+
+        def timed_run(fn, *args, **kwargs):  # each kernel call as a named range
+            with record_function(f"fastnn.{fn.__name__}"):
+                return plain_run(fn, *args, **kwargs)
+    plain_step = opt.step
+
+    def opt_step(*a, **k):
+        with record_function("optimizer.step"):
+            return plain_step(*a, **k)
+    opt.step = opt_step
+    with ctx():
+        for _ in range(warmup):
+            _step(model, opt, x, y)
+        if impl == "fastnn":
+            _ops.run = timed_run
+        try:
+            with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    _step(model, opt, x, y)
+        finally:
+            if impl == "fastnn":
+                _ops.run = plain_run
+    parts, top = {}, {}
+    for ev in prof.events():
+        sec = ev.self_cpu_time_total / 1e6 / steps
+        up, part = ev, None
+        while up is not None and part is None:  # the optimizer's own aten ops count as the optimizer
+            part = "optimizer (AdamW)" if up.name == "optimizer.step" else None
+            up = up.cpu_parent
+        part = part or _part(ev.name)
+        parts[part] = parts.get(part, 0.0) + sec
+        top[ev.name] = top.get(ev.name, 0.0) + sec
+    top = list(top.items())
+    top.sort(key=lambda kv: -kv[1])
+    return {"parts": parts, "top": top[:12]}
+
+
+def profile_report(results, threads):
+    """The per-part table of both implementations side by side (seconds per step and share)."""
+    names = [p for p, _ in PARTS] + ["other"]
+    lines = [f"gpt_step profile, {threads} thread(s): self CPU time per training step (torch.profiler)",
+             f"{'part':<20}" + "".join(f"{impl + ' ms':>12}{'share':>8}" for impl in results)]
+    totals = {impl: sum(r["parts"].values()) for impl, r in results.items()}
+    for name in names:
+        cells = "".join(f"{r['parts'].get(name, 0) * 1e3:>12.1f}{r['parts'].get(name, 0) / totals[impl]:>8.1%}"
+                        for impl, r in results.items())
+        lines.append(f"{name:<20}{cells}")
+    lines.append(f"{'total':<20}" + "".join(f"{totals[impl] * 1e3:>12.1f}{'':>8}" for impl in results))
+    for impl, r in results.items():
+        lines.append(f"{impl}: top operators (ms per step): "
+                     + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["top"][:8]))
+    return "\n".join(lines)
 
 
 def run(threads=(1, 2), steps=10, warmup=2, impls=("torch", "fastnn")):
@@ -175,11 +271,24 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--impl", nargs="+", choices=["torch", "fastnn"], default=["torch", "fastnn"])
+    p.add_argument("--profile", action="store_true",
+                   help="profile one step of each implementation (self CPU time per part) instead of timing it")
     p.add_argument("--child", nargs=4, metavar=("IMPL", "THREADS", "STEPS", "WARMUP"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         impl, t, s, w = args.child
         print(json.dumps(measure(impl, int(t), int(s), int(w))))
+        return
+    if args.profile:
+        results = {}
+        for impl in args.impl:
+            r = profile(impl, args.threads[0])
+            if "error" in r:
+                print(f"{impl}: {r['error']}")
+            else:
+                results[impl] = r
+        if results:
+            print(profile_report(results, args.threads[0]))
         return
     print(report(run(args.threads, args.steps, args.warmup, args.impl)))
 

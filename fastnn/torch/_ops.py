@@ -9,23 +9,15 @@ arguments and check what the kernels need (TypeError / ValueError naming the arg
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 import fastnn
+from fastnn._dropout import dropout_p_value
 
 from ._convert import run
-
-# torch's own attention, captured before any patch: the dropout_p > 0 path (see scaled_dot_product_attention).
-_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
-
-# While False, dropout_p > 0 runs torch's function (scaled_dot_product_attention below and the patch).
-# fastnn's kernel has dropout (dropout_p, rng; rng_state for the backward), but the op _sdpa and the patch
-# pass 0.0: turning this on needs dropout_p and the (seed, offset) carried through _sdpa, its fake, its
-# saved context and _sdpa_backward first, or dropout would silently be skipped.
-FASTNN_ATTENTION_DROPOUT = False
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32,)
@@ -274,12 +266,20 @@ def _cross_entropy_grad(ctx, grad_loss, grad_grad):
 _autograd(_cross_entropy, _cross_entropy_grad, _cross_entropy_setup)
 
 
+def _rng_state(seed: Optional[Tensor]):
+    """The kernels' dropout (seed, offset) from the op's seed tensor (int64 in [0, 2**63), drawn from torch's
+    generator by scaled_dot_product_attention); None without dropout."""
+    return None if seed is None else (int(seed.item()), 0)
+
+
 @_op("scaled_dot_product_attention")
-def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-          scale: Optional[float], enable_gqa: bool) -> Tuple[Tensor, Tensor]:
-    """(output, lse): the attention and each query row's log-sum-exp, which the backward needs."""
-    return run(fastnn.scaled_dot_product_attention, query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,
-               return_lse=True)
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+          is_causal: bool, scale: Optional[float], enable_gqa: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(output, lse): the attention and each query row's log-sum-exp, which the backward needs. With
+    dropout_p > 0, seed (an int64 scalar tensor) keys the kernel's Philox mask; the backward regenerates it."""
+    out = run(fastnn.scaled_dot_product_attention, query, key, value, attn_mask, dropout_p, is_causal, scale,
+              enable_gqa, return_lse=True, rng=_rng_state(seed) if dropout_p > 0 else None)
+    return out[0], out[1]
 
 
 def _sdpa_batch(query, key, value, enable_gqa):
@@ -290,36 +290,37 @@ def _sdpa_batch(query, key, value, enable_gqa):
 
 
 @_sdpa.register_fake
-def _(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
     batch = _sdpa_batch(query, key, value, enable_gqa)
     return query.new_empty(batch + (query.shape[-2], value.shape[-1])), query.new_empty(batch + (query.shape[-2],))
 
 
 @_op("scaled_dot_product_attention_backward")
 def _sdpa_backward(grad_output: Tensor, query: Tensor, key: Tensor, value: Tensor, output: Tensor, lse: Tensor,
-                   attn_mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
-                   enable_gqa: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                   attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: Optional[float],
+                   enable_gqa: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     return run(fastnn.scaled_dot_product_attention_backward, grad_output, query, key, value, output, lse, attn_mask,
-               is_causal, scale, enable_gqa)
+               is_causal, scale, enable_gqa, dropout_p=dropout_p,
+               rng_state=_rng_state(seed) if dropout_p > 0 else None)
 
 
 @_sdpa_backward.register_fake
-def _(grad_output, query, key, value, output, lse, attn_mask, is_causal, scale, enable_gqa):
+def _(grad_output, query, key, value, output, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _sdpa_setup(ctx, inputs, output):
-    query, key, value, attn_mask, is_causal, scale, enable_gqa = inputs
-    ctx.args = (is_causal, scale, enable_gqa)
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed = inputs
+    ctx.args = (dropout_p, is_causal, scale, enable_gqa)
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(query, key, value, attn_mask, *output)
+    ctx.save_for_backward(query, key, value, attn_mask, seed, *output)
 
 
 def _sdpa_grad(ctx, grad_out, grad_lse):
-    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+    query, key, value, attn_mask, seed, out, lse = ctx.saved_tensors
     dq, dk, dv = _call("scaled_dot_product_attention_backward", grad_out, query, key, value, out, lse,
-                                                                        attn_mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+                       attn_mask, *ctx.args, seed)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _autograd(_sdpa, _sdpa_grad, _sdpa_setup)
@@ -424,12 +425,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev); attn_mask bool
     (True = may attend) or a float tensor of the query's dtype (added; no gradient flows to it),
     broadcastable to (..., L, S); is_causal aligned top-left as torch; scale default 1/sqrt(E); enable_gqa
-    as torch. A query row with no allowed key gives zeros. dropout_p > 0 runs torch's own function (the
-    fastnn kernel has dropout, but this op does not carry its seed through autograd yet)."""
-    if dropout_p > 0 and not FASTNN_ATTENTION_DROPOUT:
-        gqa = {"enable_gqa": True} if enable_gqa else {}  # torch < 2.5 has no enable_gqa
-        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                           scale=scale, **gqa)
+    as torch. A query row with no allowed key gives zeros. dropout_p in [0, 1): each attention probability
+    is dropped with probability dropout_p inside the kernel and the survivors scaled by 1 / (1 - dropout_p),
+    as torch; the mask's seed is drawn from torch's default CPU generator (so torch.manual_seed makes a run
+    repeatable, on CUDA tensors too) and the backward regenerates the same mask from it. The mask is
+    fastnn's Philox mask (the README's *Attention dropout*), not the one torch's kernels draw."""
     _check("query, key, value", query, key, value)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
@@ -438,8 +438,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             _check("query, attn_mask", query, attn_mask)
     if scale is not None:
         scale = float(scale)
-    return _call("scaled_dot_product_attention", query, key, value, attn_mask, bool(is_causal), scale,
-                                                         bool(enable_gqa))[0]
+    dropout_p = dropout_p_value(dropout_p)
+    # One 63-bit seed per call from torch's generator (a tensor, so torch.compile traces the draw, no .item()).
+    seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
+    return _call("scaled_dot_product_attention", query, key, value, attn_mask, dropout_p, bool(is_causal), scale,
+                 bool(enable_gqa), seed)[0]
 
 
 CUSTOM_OPS = ("linear", "linear_backward", "matmul", "relu", "relu_backward", "softmax", "log_softmax",

@@ -5,7 +5,6 @@ model of many small tensors does not pay one Python call per tensor. The state (
 torch.optim.Adam / AdamW and back."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

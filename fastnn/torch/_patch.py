@@ -82,8 +82,8 @@ def _cross_entropy_supported(input, target, weight, size_average, ignore_index, 
 
 
 def _sdpa_supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
-    if not ((dropout_p == 0.0 or _ops.FASTNN_ATTENTION_DROPOUT) and type(is_causal) is bool and type(enable_gqa) is bool
-            and (scale is None or type(scale) in (int, float)) and _same(query, key, value)):
+    if not (type(dropout_p) in (int, float) and 0 <= dropout_p < 1 and type(is_causal) is bool
+            and type(enable_gqa) is bool and (scale is None or type(scale) in (int, float)) and _same(query, key, value)):
         return False
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         return False
@@ -137,7 +137,8 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
                                   enable_gqa=False, *args, **kwargs):
     if not args and not kwargs and _sdpa_supported(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                    enable_gqa):
-        return _ops.scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+        return _ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                 enable_gqa)
     if enable_gqa is not False:  # torch < 2.5 has no enable_gqa: pass it only when it is used
         kwargs["enable_gqa"] = enable_gqa
     return _saved["scaled_dot_product_attention"](query, key, value, attn_mask, dropout_p, is_causal, *args,
