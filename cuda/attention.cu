@@ -64,15 +64,16 @@ __device__ __forceinline__ uint32_t dropout_keep4(const AttnArgs& a, int64_t z, 
          uint32_t(x.z >= a.drop_threshold) << 2 | uint32_t(x.w >= a.drop_threshold) << 3;
 }
 
-// The scaled, masked score of query i and key j of batch z, or -inf when the key is not allowed.
+// The scaled, masked score of query i and key j of batch z. A key that is not allowed gets -inf added, as
+// PyTorch's additive mask does: -inf, or NaN where the score itself is NaN or +inf.
 template <typename T>
 __device__ __forceinline__ float masked_score(const AttnArgs& a, int64_t z, int64_t i, int64_t j, float dot) {
-  if (a.causal && j > i) return -INFINITY;
   float s = dot * a.scale;
+  if (a.causal && j > i) return s - INFINITY;
   if (a.mask_kind != 0) {
     const int64_t o = a.m_off[z] + i * a.m_rs + j * a.m_cs;
     if (a.mask_kind == 1) {
-      if (!static_cast<const uint8_t*>(a.mask)[o]) return -INFINITY;
+      if (!static_cast<const uint8_t*>(a.mask)[o]) return s - INFINITY;
     } else {
       s += to_f(static_cast<const T*>(a.mask)[o]);
     }

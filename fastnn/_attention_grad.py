@@ -80,9 +80,9 @@ def attention_backward(xp, matmul, grad_output, query, key, value, output, lse, 
             s = matmul(qr, k[c].swapaxes(-1, -2)) * f32(scale)
             if mfull is not None:
                 mc = xp.stack([mfull[heads[h]][r] for h in range(c.start, c.stop)])
-                s = xp.where(mc, s, f32(-math.inf)) if mc.dtype == bool else s + mc.astype(f32)
+                s = xp.where(mc, s, s - f32(math.inf)) if mc.dtype == bool else s + mc.astype(f32)
             if causal:
-                s = xp.where(keys[None, :] <= xp.arange(r.start, r.stop)[:, None], s, f32(-math.inf))
+                s = xp.where(keys[None, :] <= xp.arange(r.start, r.stop)[:, None], s, s - f32(math.inf))
             p = xp.exp(s - m[c, r])
             gr = g[c, r]
             dp = matmul(gr, v[c].swapaxes(-1, -2))

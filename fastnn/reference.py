@@ -130,7 +130,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None:
         attn_mask = np.asarray(attn_mask)
         if attn_mask.dtype == bool:
-            scores = np.where(attn_mask, scores, -np.inf)
+            with np.errstate(invalid="ignore"):  # -inf added, as PyTorch's additive mask (+inf - inf = NaN)
+                scores = np.where(attn_mask, scores, scores - np.inf)
         else:
             scores = scores + attn_mask
     # Subtract the row max for safety; a row whose max is -inf has no allowed
@@ -245,7 +246,8 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
     if attn_mask is not None:
         attn_mask = np.asarray(attn_mask)
         if attn_mask.dtype == bool:
-            scores = np.where(attn_mask, scores, -np.inf)
+            with np.errstate(invalid="ignore"):  # -inf added, as PyTorch's additive mask (+inf - inf = NaN)
+                scores = np.where(attn_mask, scores, scores - np.inf)
         else:
             scores = scores + attn_mask
     m = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)

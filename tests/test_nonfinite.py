@@ -48,6 +48,15 @@ def _sdpa_backward(fn, do, q, k, v):
     return tuple(fn.scaled_dot_product_attention_backward(do, q, k, v, out, lse))
 
 
+def _sdpa_causal(fn, q, k, v):
+    return (fn.scaled_dot_product_attention(q, k, v, is_causal=True),)
+
+
+def _sdpa_causal_backward(fn, do, q, k, v):
+    out, lse = fn.scaled_dot_product_attention(q, k, v, return_lse=True, is_causal=True)
+    return tuple(fn.scaled_dot_product_attention_backward(do, q, k, v, out, lse, is_causal=True))
+
+
 def _cross_entropy(fn, x):
     labels = np.arange(x.shape[0]) % x.shape[1]
     loss, grad = fn.cross_entropy(x, labels)
@@ -82,6 +91,14 @@ OPS = {
     "attention_backward": ([(2, 2, 37, 20), (2, 2, 37, 24), (2, 2, 69, 24), (2, 2, 69, 20)], _sdpa_backward,
                            lambda do, q, k, v: ref.scaled_dot_product_attention_backward(do, q, k, v, None, None),
                            93),
+    # causal: the non-finite key or value also lands above the diagonal (key 3 or 5 is masked for rows 0-2 or
+    # 0-4), where PyTorch's additive mask still gives NaN: the kernels' skipped blocks must agree.
+    "attention_causal": ([(2, 2, 37, 24), (2, 2, 69, 24), (2, 2, 69, 20)], _sdpa_causal,
+                         lambda q, k, v: (ref.scaled_dot_product_attention(q, k, v, is_causal=True),), 93),
+    "attention_causal_backward": ([(2, 2, 37, 20), (2, 2, 37, 24), (2, 2, 69, 24), (2, 2, 69, 20)],
+                                  _sdpa_causal_backward,
+                                  lambda do, q, k, v: ref.scaled_dot_product_attention_backward(
+                                      do, q, k, v, None, None, is_causal=True), 93),
 }
 # linear_backward's reference takes (grad_output, x, weight) with x (rows, in), weight (in, out).
 OPS["linear_backward"] = ([(37, 41), (37, 69), (69, 41)], _linear_backward,

@@ -81,7 +81,8 @@ template <typename T> struct SdpaWorkspace {
 };
 
 // Applies the causal rule and the mask to a scores tile of queries q0.. (bq of them) and keys k0.. (bc) of
-// head b, whose element (i, j) is s[i * sq + j * sk]: disallowed scores become -inf, a float mask is added.
+// head b, whose element (i, j) is s[i * sq + j * sk]: a float mask is added, and so is -inf to a disallowed
+// score, as PyTorch's additive mask does (-inf, or NaN where the score is NaN or +inf: tests/test_nonfinite.py).
 // (The scale is already in the scores: Q is scaled when it is packed.)
 template <typename T>
 void mask_scores(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, T* s, int64_t sq,
@@ -92,14 +93,14 @@ void mask_scores(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_
     const int64_t qi = q0 + i;
     T* si = s + i * sq;
     const int64_t jend = a.causal ? std::max<int64_t>(0, std::min(bc, qi - k0 + 1)) : bc;
-    for (int64_t j = jend; j < bc; ++j) si[j * sk] = ninf;
+    for (int64_t j = jend; j < bc; ++j) si[j * sk] += ninf;
     if (a.fmask || a.bmask) {
       const int64_t mo = a.m_off[b] + qi * a.m_rs + k0 * a.m_cs;
       if (a.fmask) {
         for (int64_t j = 0; j < jend; ++j) si[j * sk] += a.fmask[mo + j * a.m_cs];
       } else {
         for (int64_t j = 0; j < jend; ++j)
-          if (!a.bmask[mo + j * a.m_cs]) si[j * sk] = ninf;
+          if (!a.bmask[mo + j * a.m_cs]) si[j * sk] += ninf;
       }
     }
   }
