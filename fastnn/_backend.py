@@ -264,17 +264,20 @@ class _TorchCpuCall(Cpu):
 
 _TORCH_CPU_BACKEND = _TorchCpuCall(_TORCH[0])
 _torch_tensor = None  # torch.Tensor once one has been seen (a cheaper test than the module name)
+_parameter = None     # torch.nn.Parameter, likewise
 _from_numpy = None    # torch.from_numpy, likewise
 
 
 def torch_view(x):
-    """The numpy view of `x` when it is a torch CPU tensor numpy can read as plain data, else None: the
-    ops' fast path for torch tensors, tried right after the numpy one (anything it declines goes through
-    adopt(), which explains). Tensor.numpy() is zero-copy and keeps the strides; it refuses CUDA tensors,
-    requires_grad, the conj and neg bits and the dtypes numpy lacks."""
-    if type(x) is _torch_tensor:
+    """The numpy view of `x` when it is a torch CPU tensor (or Parameter) numpy can read as plain data, else
+    None: the ops' fast path for torch tensors, tried right after the numpy one (anything it declines goes
+    through adopt(), which explains). Tensor.numpy() is zero-copy and keeps the strides; it refuses CUDA
+    tensors, the conj and neg bits and the dtypes numpy lacks. A tensor that requires grad is read as its
+    detach() (autograd belongs to the PyTorch integration)."""
+    t = type(x)
+    if t is _torch_tensor or t is _parameter:
         try:
-            return x.numpy()
+            return (x.detach() if x.requires_grad else x).numpy()
         except (TypeError, RuntimeError):
             pass
     return None
@@ -304,7 +307,7 @@ def _torch_cpu(arrays: dict, writes):
 
 def family_of(x):
     """The family of `x`, or None when it is no array fastnn accepts."""
-    global _torch_tensor, _from_numpy
+    global _torch_tensor, _parameter, _from_numpy
     t = type(x)
     if t is _torch_tensor:
         return _TORCH[x.is_cuda]
@@ -313,7 +316,7 @@ def family_of(x):
     root = t.__module__.partition(".")[0]
     if root == "torch" and hasattr(x, "is_cuda") and hasattr(x, "numpy"):
         torch = _lib("torch")
-        _torch_tensor, _from_numpy = torch.Tensor, torch.from_numpy
+        _torch_tensor, _parameter, _from_numpy = torch.Tensor, torch.nn.Parameter, torch.from_numpy
         return _TORCH[bool(x.is_cuda)]
     if root == "cupy":
         return _CUPY
