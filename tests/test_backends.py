@@ -206,6 +206,8 @@ def test_torch_tiny_call_path(rng):
         assert np.array_equal(got.numpy(), f(*(a.numpy() for a in args))), f.__name__
     loss, grad = fastnn.cross_entropy(x, labels)
     assert isinstance(loss, float) and type(grad) is torch.Tensor
+    y = fastnn.linear(x, torch.nn.Parameter(w), torch.nn.Parameter(b))  # parameters are read detached
+    assert type(y) is torch.Tensor and not y.requires_grad and torch.equal(y, fastnn.linear(x, w, b))
     with pytest.raises(TypeError, match=r"^bias: got a numpy.ndarray in a call whose x is a torch.Tensor"):
         fastnn.linear(x, w, b.numpy())
     with pytest.raises(TypeError, match="^x: this torch.Tensor .CPU. cannot be viewed as a CPU array: .*negative bit"):
