@@ -19,6 +19,7 @@
 #                     plain, float32 and float16), instrumenting fastnn's kernels only, with cupy's memory
 #                     pool off so every array is its own allocation and an overrun is caught at its edge
 #   bench       80 s  bench/gpu_bench.py --quick: every op timed against cuBLAS / cupy / torch, checked first
+#                     (fastnn.bench.CudaEvents from the installed package: CUDA events, L2 flushed)
 # Sum of the caps: 475 s.
 #
 # --more (bench/gpu_check_more.sh): what does not fit, in a second call of at most 9 minutes (TOTAL_S 540):

@@ -162,3 +162,25 @@ def test_extra_op_family_runs_through_the_cli(monkeypatch, capsys):
     bench.extra.register("demo", lambda args: calls.append(args) or 0, "a test family")
     assert cli.main(["bench", "--op", "demo", "--quick"]) == 0
     assert len(calls) == 1 and calls[0].quick
+
+
+def test_cuda_event_timer_flushes_l2_before_each_repetition():
+    """The GPU timer (bench/gpu_bench.py's) on a stand-in cupy: warm-up calls untimed, then per repetition an
+    L2 flush, the events around the call, and the median of the event times (ms) in seconds."""
+    from types import SimpleNamespace
+    log = []
+
+    class Event:
+        def record(self):
+            log.append("event")
+
+        def synchronize(self):
+            pass
+
+    ms = iter([3.0, 1.0, 2.0, 5.0, 4.0])
+    fake = SimpleNamespace(uint8="uint8", empty=lambda n, dtype: SimpleNamespace(fill=lambda v: log.append("flush")),
+                           cuda=SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: next(ms)))
+    t = bench.CudaEvents(fake)(lambda: log.append("call"), reps=5, warmup=2)
+    assert log == ["call"] * 2 + ["flush", "event", "call", "event"] * 5
+    assert (t.median, t.best, t.calls) == (3e-3, 1e-3, 5)
+
