@@ -2,6 +2,8 @@
 with), cupy (None without a GPU), the float32 / float16 tolerances, and the check against the float64
 oracle. The fixtures `variant` (fast, then plain kernels) and `poisoned_pool` are in conftest.py.
 `python -m pytest -m gpu` runs every GPU test (bench/gpu_check.sh lists the files)."""
+import importlib
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from fastnn import _gpu
 
 def _skip_reason():
     try:
-        import cupy  # noqa: F401
+        importlib.import_module("cupy")
     except ImportError:
         return "no cupy"
     if _gpu.cuda_module() is None:
