@@ -1,8 +1,9 @@
 """GPU benchmark: every fastnn CUDA op against cuBLAS (through cupy, TF32 off), cupy's own element-wise and
 reduction ops, and PyTorch (scaled_dot_product_attention, fused Adam) when it imports.
 
-Each case is validated before it is timed (fastnn against a float64 or cuBLAS result), then timed with CUDA
-events, L2 flushed before every repetition, median of the repetitions. Rates: GFLOP/s or TFLOP/s from
+Each case is validated before it is timed (fastnn against a float64 or cuBLAS result), then timed by
+fastnn.bench's GPU timer (`CudaEvents`: CUDA events, L2 flushed before every repetition, median of the
+repetitions). Rates: GFLOP/s or TFLOP/s from
 2*M*N*K (matmul), 4*B*H*L*S*E (attention; causal counts L*(L+1)/2 pairs); GB/s from bytes read + written
 once. % limit: of the device-to-device copy bandwidth and of a large cuBLAS SGEMM / HGEMM measured here.
 
@@ -30,15 +31,18 @@ os.environ.setdefault("CUPY_TF32", "0")  # before cupy is imported: cuBLAS SGEMM
 import numpy as np  # noqa: E402
 
 import fastnn  # noqa: E402
+from fastnn.bench.timing import CudaEvents  # noqa: E402
 
 cp = None     # cupy, imported by main() once a usable GPU is confirmed
 torch = None  # optional baseline
+timer = None  # CudaEvents(cp)
 
 
 def import_gpu_modules():
-    global cp, torch
+    global cp, torch, timer
     import cupy
     cp = cupy
+    timer = CudaEvents(cupy)
     try:
         import torch as t
         torch = t if t.cuda.is_available() else None
@@ -84,30 +88,11 @@ def self_test() -> int:
     ok &= rounding_tol(want, np.float16) > 2e-3  # the flat float16 bound was wrong for this result
     return 0 if ok else 1
 
-_FLUSH = None
 
-
-def flush_l2():
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = cp.empty(256 << 20, cp.uint8)  # > any current L2 (H100: 50 MB)
-    _FLUSH.fill(1)
-
-
-def timeit(fn, reps, warmup=3):
-    """Median seconds per call of fn on the current stream, L2 flushed before each repetition."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    for _ in range(reps):
-        flush_l2()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) * 1e-3)
-    return float(np.median(times))
+def timeit(fn, reps):
+    """Median seconds per call of fn on the current stream (fastnn.bench's GPU timer: CUDA events, L2
+    flushed before each repetition)."""
+    return timer(fn, reps).median
 
 
 def rel_err(got, want):

@@ -12,12 +12,14 @@
 #                     `native` and records the list), into a scratch folder: nothing is installed system-wide
 #   check       15 s  fastnn.info(), cuda_is_available() and the architecture rule for this device; stops
 #                     here (printing why) if the GPU is not usable by the build
-#   tests      150 s  pytest tests/test_gpu.py tests/test_gpu_edge.py tests/test_cuda_arch.py against the
-#                     installed package (a copy of tests/ outside the tree): every test must pass, none skip
+#   tests      150 s  pytest -m gpu over the test files that hold GPU tests (each op's file, test_gpu_edge.py,
+#                     test_cuda_arch.py) against the installed package (a copy of tests/ outside the tree):
+#                     every test must pass, none skip
 #   memcheck    60 s  compute-sanitizer memcheck over bench/gpu_smoke.py --no-pool (every kernel, fast and
 #                     plain, float32 and float16), instrumenting fastnn's kernels only, with cupy's memory
 #                     pool off so every array is its own allocation and an overrun is caught at its edge
 #   bench       80 s  bench/gpu_bench.py --quick: every op timed against cuBLAS / cupy / torch, checked first
+#                     (fastnn.bench.CudaEvents from the installed package: CUDA events, L2 flushed)
 # Sum of the caps: 475 s.
 #
 # --more (bench/gpu_check_more.sh): what does not fit, in a second call of at most 9 minutes (TOTAL_S 540):
@@ -352,8 +354,11 @@ if [ $more = 0 ]; then
   # ---- tests ------------------------------------------------------------------------------------------------
   # From a copy of tests/ outside the source tree, so that only the installed package can be imported.
   rm -rf "$work/t" && mkdir -p "$work/t" && cp -r "$repo/tests" "$repo/pyproject.toml" "$work/t/"
-  tests=(tests/test_gpu.py tests/test_gpu_edge.py tests/test_cuda_arch.py)
-  run_step tests "$out/tests.log" bash -c 'cd t && exec "$0" -m pytest -q -rs --tb=short -p no:cacheprovider "$@"' \
+  # The GPU tests live in each op's test file (marked through gpu_helpers.needs_gpu) and in the files marked
+  # as a whole (test_gpu_edge.py, test_cuda_arch.py); -m gpu selects them.
+  mapfile -t tests < <(cd "$repo" && grep -lE "needs_gpu|pytestmark = pytest.mark.gpu" tests/test_*.py)
+  say "tests: ${#tests[@]} files: ${tests[*]}"
+  run_step tests "$out/tests.log" bash -c 'cd t && exec "$0" -m pytest -q -rs --tb=short -p no:cacheprovider -m gpu "$@"' \
     "$PY" "${tests[@]}"
   if [ $step_rc -eq 0 ]; then
     skipped=$(grep -Eo "[0-9]+ skipped" "$out/tests.log" | tail -n 1)

@@ -29,7 +29,7 @@ def _params():
         label = re.sub(r"[^\w.]+", "_", case.label).strip("_")
         for impl in bench.IMPLS:
             marks = [pytest.mark.benchmark(group=case.op)]
-            if impl == "torch" and torch is None:
+            if (impl == "torch" or case.torch_arrays) and torch is None:
                 marks.append(pytest.mark.skip(reason="PyTorch is not importable"))
             if not case.available():
                 marks.append(pytest.mark.skip(reason=f"fastnn.{case.requires} does not exist"))

@@ -254,31 +254,50 @@ _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA; kDLCPU is 1
 _dlpack_families: dict = {}
 
 
-_TORCH_CPU_BACKEND = Cpu(_TORCH[0])  # shared by the calls that write no torch tensor in place
+class _TorchCpuCall(Cpu):
+    """The CPU backend of the commonest foreign call (plain torch CPU tensors, none written in place),
+    one shared instance: a result array goes straight back through torch.from_numpy."""
+
+    def wrap(self, r):
+        return _from_numpy(r) if type(r) is np.ndarray else self.family.wrap(r, ())
+
+
+_TORCH_CPU_BACKEND = _TorchCpuCall(_TORCH[0])
 _torch_tensor = None  # torch.Tensor once one has been seen (a cheaper test than the module name)
+_parameter = None     # torch.nn.Parameter, likewise
 _from_numpy = None    # torch.from_numpy, likewise
 
 
+def torch_view(x):
+    """The numpy view of `x` when it is a torch CPU tensor (or Parameter) numpy can read as plain data, else
+    None: the ops' fast path for torch tensors, tried right after the numpy one (anything it declines goes
+    through adopt(), which explains). Tensor.numpy() is zero-copy and keeps the strides; it refuses CUDA
+    tensors, the conj and neg bits and the dtypes numpy lacks. A tensor that requires grad is read as its
+    detach() (autograd belongs to the PyTorch integration)."""
+    t = type(x)
+    if t is _torch_tensor or t is _parameter:
+        try:
+            return (x.detach() if x.requires_grad else x).numpy()
+        except (TypeError, RuntimeError):
+            pass
+    return None
+
+
 def _torch_cpu(arrays: dict, writes):
-    """adopt() for the commonest foreign call, plain torch CPU tensors (no grad, numpy dtypes): (backend,
-    natives) or None for anything else, which the general path then handles (and explains)."""
+    """adopt() for a call of plain torch CPU tensors (those torch_view reads): (backend, natives), or None
+    for anything else, which the general path then handles (and explains)."""
     natives = []
     written = None
-    try:
-        for name, v in arrays.items():
-            if v is None:
-                if name not in OPTIONAL:
-                    return None
-                natives.append(None)
-            elif type(v) is _torch_tensor and not v.is_cuda and not v.requires_grad:
-                a = v.numpy()
-                natives.append(a)
-                if name in writes:
-                    written = (written or []) + [(a, v)]
-            else:
-                return None
-    except (TypeError, RuntimeError):
-        return None
+    for name, v in arrays.items():
+        if v is None and name in OPTIONAL:
+            natives.append(None)
+            continue
+        a = torch_view(v)
+        if a is None:
+            return None
+        if name in writes:
+            written = (written or []) + [(a, v)]
+        natives.append(a)
     if written is None:
         return _TORCH_CPU_BACKEND, natives
     bk = Cpu(_TORCH[0])
@@ -288,7 +307,7 @@ def _torch_cpu(arrays: dict, writes):
 
 def family_of(x):
     """The family of `x`, or None when it is no array fastnn accepts."""
-    global _torch_tensor, _from_numpy
+    global _torch_tensor, _parameter, _from_numpy
     t = type(x)
     if t is _torch_tensor:
         return _TORCH[x.is_cuda]
@@ -297,7 +316,7 @@ def family_of(x):
     root = t.__module__.partition(".")[0]
     if root == "torch" and hasattr(x, "is_cuda") and hasattr(x, "numpy"):
         torch = _lib("torch")
-        _torch_tensor, _from_numpy = torch.Tensor, torch.from_numpy
+        _torch_tensor, _parameter, _from_numpy = torch.Tensor, torch.nn.Parameter, torch.from_numpy
         return _TORCH[bool(x.is_cuda)]
     if root == "cupy":
         return _CUPY

@@ -20,9 +20,9 @@ from typing import Tuple
 
 import numpy as np
 
-from . import _C
+from . import _C, _backend
 from ._attention_grad import reduce_grad
-from ._backend import adopt, contiguous
+from ._backend import adopt, contiguous, torch_view
 from ._dropout import backward_dropout, check_dropout_sizes, forward_dropout
 
 _ndarray = np.ndarray
@@ -230,6 +230,9 @@ def matmul(a, b, *, out=None):
         c = _C.matmul2d(a, b, out)  # the common 2-D case with the least per-call overhead; None if not it
         if c is not None:
             return c
+    elif (out is None and (av := torch_view(a)) is not None and (bv := torch_view(b)) is not None
+          and (c := _C.matmul2d(av, bv, None)) is not None):
+        return _backend._from_numpy(c)
     bk, (a, b, out) = adopt("matmul", {"a": a, "b": b, "out": out}, ("out",))
     if bk.fast and (c := _C.matmul2d(a, b, out)) is not None:
         return bk.wrap(c)
@@ -283,6 +286,10 @@ def linear(x, weight, bias=None, *, activation=None):
         y = _C.linear_fast(x, weight, bias, activation)
         if y is not None:
             return y
+    elif ((xv := torch_view(x)) is not None and (wv := torch_view(weight)) is not None
+          and ((bv := bias) is None or (bv := torch_view(bias)) is not None)
+          and (y := _C.linear_fast(xv, wv, bv, activation)) is not None):
+        return _backend._from_numpy(y)
     bk, (x, weight, bias) = adopt("linear", {"x": x, "weight": weight, "bias": bias})
     if bk.fast and (y := _C.linear_fast(x, weight, bias, activation)) is not None:
         return bk.wrap(y)
@@ -355,6 +362,8 @@ def relu(x, *, out=None):
         y = _C.relu_fast(x, out)
         if y is not None:
             return y
+    elif out is None and (xv := torch_view(x)) is not None and (y := _C.relu_fast(xv, None)) is not None:
+        return _backend._from_numpy(y)
     bk, (x, out) = adopt("relu", {"x": x, "out": out}, ("out",))
     if bk.fast and (y := _C.relu_fast(x, out)) is not None:
         return bk.wrap(y)
@@ -384,6 +393,9 @@ def relu_backward(grad_output, x, *, out=None):
         y = _C.relu_backward_fast(grad_output, x, out)
         if y is not None:
             return y
+    elif (out is None and (gv := torch_view(grad_output)) is not None and (xv := torch_view(x)) is not None
+          and (y := _C.relu_backward_fast(gv, xv, None)) is not None):
+        return _backend._from_numpy(y)
     bk, (g, x, out) = adopt("relu_backward", {"grad_output": grad_output, "x": x, "out": out}, ("out",))
     if bk.fast and (y := _C.relu_backward_fast(g, x, out)) is not None:
         return bk.wrap(y)
@@ -441,6 +453,8 @@ def softmax(x, axis=-1, *, out=None):
         y = _C.softmax_fast(x, axis, out, False)
         if y is not None:
             return y
+    elif out is None and (xv := torch_view(x)) is not None and (y := _C.softmax_fast(xv, axis, None, False)) is not None:
+        return _backend._from_numpy(y)
     return _softmax(x, axis, out, False, "softmax")
 
 
@@ -450,6 +464,8 @@ def log_softmax(x, axis=-1, *, out=None):
         y = _C.softmax_fast(x, axis, out, True)
         if y is not None:
             return y
+    elif out is None and (xv := torch_view(x)) is not None and (y := _C.softmax_fast(xv, axis, None, True)) is not None:
+        return _backend._from_numpy(y)
     return _softmax(x, axis, out, True, "log_softmax")
 
 

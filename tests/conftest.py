@@ -1,4 +1,5 @@
-"""Shared test helpers: tolerance check against float64 oracles, array layouts, ISA and thread fixtures."""
+"""Shared test helpers: tolerance check against float64 oracles, array layouts, ISA and thread fixtures, the
+GPU tests' kernel-variant and poisoned-pool fixtures (the rest of their helpers: gpu_helpers.py)."""
 import os
 
 import numpy as np
@@ -132,6 +133,31 @@ def rng(request):
     """A generator seeded from the test id, so each test is reproducible."""
     seed = sum(ord(ch) * (i + 1) for i, ch in enumerate(request.node.nodeid)) % (2**32)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=["fast", "plain"])
+def variant(request):
+    """GPU tests: runs a test with the fast kernels, then with the plain reference kernels."""
+    from fastnn import _gpu
+    with _gpu.plain_kernels(request.param == "plain"):
+        yield request.param
+
+
+@pytest.fixture
+def poisoned_pool():
+    """GPU tests: fills cupy's memory pool with NaN bytes before the test, so outputs the kernels allocate
+    start as NaN and any element a kernel forgets to write fails the comparison; frees it after."""
+    from gpu_helpers import cp
+    if cp is None:
+        yield
+        return
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    junk = cp.full(64 << 20, 0xFF, dtype=cp.uint8)  # 0xFFFF / 0xFFFFFFFF are NaN in float16 / float32
+    del junk
+    yield
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
 
 
 def pkg_env():

@@ -8,6 +8,7 @@ import pytest
 import fastnn
 from fastnn import reference as ref
 from conftest import DTYPES, Unchanged, assert_close, f64
+from gpu_helpers import GPU_DTYPES, GPU_TOL, cp, gpu, gpu_check, needs_gpu, rand
 
 OPTIONS = list(itertools.product([0.0, 0.1], [False, True], [False, True], [False, True]))
 OPTION_IDS = [f"wd{wd}-{'adamw' if dec else 'l2'}-{'max' if mx else 'min'}-{'ams' if ams else 'plain'}"
@@ -279,3 +280,73 @@ def test_adam_multi_checks():
     with pytest.raises(ValueError, match="elements"):
         _C.adam_multi([p], [np.zeros(3, np.float32)], [p.copy()], [p.copy()], None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
                       [1.0], [1.0], False, False)
+
+
+# ---- on the GPU: cupy arrays, fast and plain kernels, float32 and float16 (skipped, with the reason, without a usable GPU) ----
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_adam_optimizer_on_gpu_arrays_gpu(rng, dtype):
+    shapes = [(5, 3), (3,), (17,)]
+    host = [rand(rng, s, dtype) for s in shapes]
+    params = [gpu(p) for p in host]
+    ref_params = [f64(p) for p in host]
+    opt = fastnn.Adam(params, lr=1e-2, amsgrad=True, weight_decay=0.01)
+    ref_state = [(np.zeros(s), np.zeros(s), np.zeros(s)) for s in shapes]
+    for step in range(1, 4):
+        grads = [rand(rng, s, dtype) for s in shapes]
+        opt.step([gpu(g) for g in grads])
+        for p, g, (m, v, vmax) in zip(ref_params, grads, ref_state):
+            ref.adam_update(p, f64(g), m, v, step=step, lr=1e-2, weight_decay=0.01, max_exp_avg_sq=vmax)
+    for p, r in zip(params, ref_params):
+        gpu_check(p, r, dtype)
+    sd = opt.state_dict()
+    assert all(isinstance(v, (int, float, bool)) or type(v) is np.ndarray for v in sd.values())
+    other = fastnn.Adam([p.copy() for p in params], lr=1e-2, amsgrad=True, weight_decay=0.01)
+    other.load_state_dict(sd)
+    grads = [gpu(rand(rng, s, dtype)) for s in shapes]
+    opt.step(grads)
+    other.step(grads)
+    for a, b in zip(opt.params, other.params):
+        assert cp.array_equal(a, b)
+    with pytest.raises(TypeError, match=r"grads\[0\]: got a numpy.ndarray in a call whose params\[0\] is a cupy"):
+        opt.step([np.zeros(s, dtype) for s in shapes])
+    with pytest.raises(TypeError, match=r"params\[1\]: got a numpy.ndarray in a call whose params\[0\] is a cupy"):
+        fastnn.Adam([params[0], host[1]])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 1000, 100003])
+@pytest.mark.parametrize("opts", [{}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True},
+                                  {"maximize": True}, {"amsgrad": True}], ids=str)
+def test_adam_several_steps_gpu(rng, variant, dtype, n, opts):
+    opts = dict(opts)
+    ams = opts.pop("amsgrad", False)
+    p = rand(rng, n, dtype)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    vmax = np.zeros(n, np.float32) if ams else None
+    gp, gm, gv = gpu(p), gpu(m), gpu(v)
+    gvmax = gpu(vmax) if ams else None
+    rp, rm, rv = f64(p, m, v)
+    rvmax = f64(vmax) if ams else None
+    for step in range(1, 6):
+        g = rand(rng, n, dtype)
+        fastnn.adam_update(gp, gpu(g), gm, gv, step=step, lr=1e-2, max_exp_avg_sq=gvmax, **opts)
+        ref.adam_update(rp, f64(g), rm, rv, step=step, lr=1e-2, max_exp_avg_sq=rvmax, **opts)
+    gpu_check(gp, rp, dtype)
+    gpu_check(gm, rm, np.float32, tol=GPU_TOL[dtype])
+    gpu_check(gv, rv, np.float32, tol=GPU_TOL[dtype])
+
+
+@needs_gpu
+def test_adam_errors_gpu():
+    p = gpu(np.zeros(8, np.float16))
+    with pytest.raises(TypeError, match="exp_avg: expected a float32"):
+        fastnn.adam_update(p, p, p, p, step=1)             # float16 moments are not accepted
+    s = gpu(np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match="exp_avg_sq: shares memory"):
+        fastnn.adam_update(p, p, s, s, step=1)
+    with pytest.raises(TypeError, match="^grad: got a numpy.ndarray"):
+        fastnn.adam_update(s, np.zeros(8, np.float32), gpu(np.zeros(8, np.float32)), gpu(np.zeros(8, np.float32)),
+                           step=1)

@@ -10,6 +10,7 @@ import pytest
 import fastnn
 from fastnn import reference as ref
 from conftest import DTYPES, LAYOUTS, Unchanged, assert_close, f64, make_array, pkg_env, tolerance
+from gpu_helpers import GPU_DTYPES, GPU_TOL, attn_inputs, cp, gpu, gpu_check, needs_gpu, rand
 
 sdpa = fastnn.scaled_dot_product_attention
 
@@ -352,3 +353,89 @@ def test_sdpa_long_sequence_memory_stays_bounded():
     extra, err = int(lines[0]), float(lines[1])
     assert extra < 64 << 20, f"the call raised the peak RSS by {extra / 2**20:.1f} MiB"
     assert err < 1e-5
+
+
+# ---- on the GPU: cupy arrays, fast and plain kernels, float32 and float16 (skipped, with the reason, without a usable GPU) ----
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("dims", [(1, 1, 1, 1), (97, 97, 59, 59), (64, 64, 64, 64), (65, 130, 111, 47),
+                                  (33, 1025, 128, 128), (7, 5, 16, 16), (5, 300, 256, 64)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_gpu(rng, variant, dtype, dims, causal):
+    L, S, E, Ev = dims
+    q, k, v = attn_inputs(rng, dtype, (2, 3), L, S, E, Ev)
+    out, lse = fastnn.scaled_dot_product_attention(gpu(q), gpu(k), gpu(v), is_causal=causal, return_lse=True)
+    want, want_lse = ref.scaled_dot_product_attention(f64(q), f64(k), f64(v), is_causal=causal, return_lse=True)
+    gpu_check(out, want, dtype)
+    gpu_check(lse, want_lse, np.float32, tol=GPU_TOL[dtype])   # lse is float32 for float16 inputs too
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_masks_and_fully_masked_rows_gpu(rng, variant, dtype, kind):
+    L, S, E = 70, 97, 40
+    q, k, v = attn_inputs(rng, dtype, (2, 2), L, S, E, E)
+    allowed = rng.random((2, 1, L, S)) > 0.3          # broadcast over heads
+    allowed[0, 0, 5] = False                           # fully masked rows: zeros
+    allowed[1, 0, :, 64:] = False                      # a masked key tile edge
+    if kind == "bool":
+        mask = allowed
+    else:
+        mask = np.where(allowed, rng.standard_normal(allowed.shape), -np.inf).astype(dtype)
+    got = fastnn.scaled_dot_product_attention(gpu(q), gpu(k), gpu(v), attn_mask=gpu(mask))
+    want = ref.scaled_dot_product_attention(f64(q), f64(k), f64(v), attn_mask=mask if kind == "bool" else f64(mask))
+    gpu_check(got, want, dtype)
+    assert not cp.asnumpy(got)[0, :, 5].any()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_sdpa_gqa_broadcast_views_scale_gpu(rng, variant, dtype):
+    q, k, v = attn_inputs(rng, dtype, (2, 6), 50, 77, 32, 24, hk=2)
+    got = fastnn.scaled_dot_product_attention(gpu(q), gpu(k), gpu(v), enable_gqa=True, scale=0.3)
+    want = ref.scaled_dot_product_attention(f64(q), f64(k), f64(v), enable_gqa=True, scale=0.3)
+    gpu_check(got, want, dtype)
+    # a key/value shared by every batch (broadcast) and a transposed-then-transposed query view
+    q2 = rand(rng, (3, 2, 40, 24), dtype)
+    k2, v2 = rand(rng, (40, 24), dtype), rand(rng, (40, 16), dtype)
+    qv = gpu(np.ascontiguousarray(np.swapaxes(q2, -1, -2))).swapaxes(-1, -2)
+    gpu_check(fastnn.scaled_dot_product_attention(qv, gpu(k2), gpu(v2), is_causal=True),
+          ref.scaled_dot_product_attention(f64(q2), f64(k2), f64(v2), is_causal=True), dtype)
+
+
+@needs_gpu
+def test_sdpa_errors_gpu():
+    q = gpu(np.ones((2, 4, 8), np.float32))
+    with pytest.raises(TypeError, match="^key: got a numpy.ndarray"):
+        fastnn.scaled_dot_product_attention(q, np.ones((2, 4, 8), np.float32), q)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fastnn.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+    with pytest.raises(ValueError, match="lse: expected shape"):
+        fastnn.scaled_dot_product_attention_backward(q, q, q, q, q, q)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"mask": "bool"}, {"mask": "float"}, {"enable_gqa": True}],
+                         ids=str)
+def test_sdpa_backward_matches_the_cpu_gpu(rng, dtype, kw):
+    kw = dict(kw)
+    q, k, v = attn_inputs(rng, dtype, (2, 4), 37, 45, 24, 16, hk=2 if kw.get("enable_gqa") else None)
+    mask = kw.pop("mask", None)
+    if mask == "bool":
+        mask = rng.random((37, 45)) < 0.7
+        mask[3] = False                                  # a fully masked row
+    elif mask == "float":
+        mask = rand(rng, (2, 1, 37, 45), dtype)
+    m64 = mask if mask is None or mask.dtype == np.bool_ else f64(mask)
+    o, lse = fastnn.scaled_dot_product_attention(f64(q), f64(k), f64(v), attn_mask=m64, return_lse=True, **kw)
+    g = rand(rng, o.shape, dtype)
+    want = fastnn.scaled_dot_product_attention_backward(f64(g), f64(q), f64(k), f64(v), o, lse, attn_mask=m64, **kw)
+    got = fastnn.scaled_dot_product_attention_backward(
+        gpu(g), gpu(q), gpu(k), gpu(v), gpu(o.astype(dtype)), gpu(lse.astype(np.float32)),
+        attn_mask=None if mask is None else gpu(mask), **kw)
+    for a, b in zip(got, want):
+        assert isinstance(a, cp.ndarray) and a.dtype == dtype and a.shape == b.shape
+        gpu_check(a, b, dtype, tol=GPU_TOL[dtype] * (1 if dtype == np.float32 else 20))

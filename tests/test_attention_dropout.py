@@ -10,6 +10,7 @@ import fastnn
 from fastnn import reference as ref
 from fastnn._dropout import Dropout, forward_dropout, keep_mask, philox4x32_10
 from conftest import DTYPES, Unchanged, assert_close, f64, make_array
+from gpu_helpers import GPU_DTYPES, GPU_TOL, attn_inputs, cp, gpu, gpu_check, needs_gpu, rand
 from test_gradcheck import _sdpa_case, _torch_grads, assert_grad
 
 sdpa = fastnn.scaled_dot_product_attention
@@ -268,3 +269,59 @@ def test_dropout_on_empty_and_degenerate_shapes():
     mask[1] = False
     out, lse, st = sdpa(q, q[:1].repeat(6, 0), np.ones((6, 2)), attn_mask=mask, dropout_p=0.5, rng=3, return_lse=True)
     assert not out[1].any()
+
+
+# ---- on the GPU: cupy arrays, fast and plain kernels, float32 and float16 (skipped, with the reason, without a usable GPU) ----
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_dropout_mask_is_the_cpus_bit_for_bit_gpu(variant, dtype, causal):
+    # query 0: equal probabilities over the allowed keys; value = I: output (b, i, j) = keep * scale / count.
+    from fastnn._dropout import forward_dropout, keep_mask
+    L, S, p = 70, 131, 0.3                              # past one key tile (64), S % 4 != 0
+    q = np.zeros((2, 3, L, 8), dtype)
+    k = np.ones((2, 3, S, 8), dtype)
+    v = np.broadcast_to(np.eye(S, dtype=dtype), (2, 3, S, S))
+    out, lse, st = fastnn.scaled_dot_product_attention(gpu(q), gpu(k), gpu(np.ascontiguousarray(v)),
+                                                       is_causal=causal, dropout_p=p, rng=42, return_lse=True)
+    assert st == (42, 0)
+    count = np.minimum(np.arange(L) + 1, S)[:, None] if causal else S
+    got = cp.asnumpy(out).astype(np.float64) * (1 - p) * count > 0.5
+    want = keep_mask(np, forward_dropout(p, 42), range(6), range(L), S).reshape(2, 3, L, S)
+    if causal:
+        want &= np.tril(np.ones((L, S), bool))
+    assert np.array_equal(got, want)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("dims", [(97, 130, 64, 64), (65, 63, 59, 33), (1, 5, 16, 16)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_dropout_gpu(rng, variant, dtype, dims, causal):
+    L, S, E, Ev = dims
+    q, k, v = attn_inputs(rng, dtype, (2, 3), L, S, E, Ev)
+    out, lse, st = fastnn.scaled_dot_product_attention(gpu(q), gpu(k), gpu(v), is_causal=causal, dropout_p=0.25,
+                                                       rng=np.random.default_rng(1), return_lse=True)
+    want, want_lse, _ = ref.scaled_dot_product_attention(f64(q), f64(k), f64(v), is_causal=causal, dropout_p=0.25,
+                                                         rng=st, return_lse=True)
+    gpu_check(out, want, dtype)
+    gpu_check(lse, want_lse, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"enable_gqa": True}], ids=str)
+def test_sdpa_dropout_backward_matches_the_cpu_gpu(rng, dtype, kw):
+    q, k, v = attn_inputs(rng, dtype, (2, 4), 37, 45, 24, 16, hk=2 if kw.get("enable_gqa") else None)
+    o, lse, st = fastnn.scaled_dot_product_attention(f64(q), f64(k), f64(v), return_lse=True, dropout_p=0.4,
+                                                     rng=9, **kw)
+    g = rand(rng, o.shape, dtype)
+    want = fastnn.scaled_dot_product_attention_backward(f64(g), f64(q), f64(k), f64(v), o, lse, dropout_p=0.4,
+                                                        rng_state=st, **kw)
+    got = fastnn.scaled_dot_product_attention_backward(
+        gpu(g), gpu(q), gpu(k), gpu(v), gpu(o.astype(dtype)), gpu(lse.astype(dtype)), dropout_p=0.4, rng_state=st,
+        **kw)
+    for a, b in zip(got, want):
+        assert isinstance(a, cp.ndarray) and a.dtype == dtype and a.shape == b.shape
+        gpu_check(a, b, dtype, tol=GPU_TOL[dtype] * (1 if dtype == np.float32 else 20))

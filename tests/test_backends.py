@@ -189,6 +189,31 @@ def test_torch_requires_grad_is_read_as_data(rng):
     assert torch.equal(y, torch.relu(x.detach()))
 
 
+def test_torch_tiny_call_path(rng):
+    """The ops' torch fast path (Tensor.numpy() in, torch.from_numpy out) gives fresh torch tensors equal to
+    the numpy results, and declines what it must not read as plain data, which the general path handles."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((8, 3)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal(3).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 8, 6))
+    cases = [(fastnn.relu, (x,)), (fastnn.relu_backward, (x, x.T.contiguous().T)), (fastnn.softmax, (x,)),
+             (fastnn.log_softmax, (x.T,)), (fastnn.matmul, (x, w)), (fastnn.matmul, (w.T, x.T)),
+             (fastnn.linear, (x, w)), (fastnn.linear, (x, w, b))]
+    for f, args in cases:
+        got = f(*args)
+        assert type(got) is torch.Tensor and all(got.data_ptr() != a.data_ptr() for a in args)
+        assert np.array_equal(got.numpy(), f(*(a.numpy() for a in args))), f.__name__
+    loss, grad = fastnn.cross_entropy(x, labels)
+    assert isinstance(loss, float) and type(grad) is torch.Tensor
+    y = fastnn.linear(x, torch.nn.Parameter(w), torch.nn.Parameter(b))  # parameters are read detached
+    assert type(y) is torch.Tensor and not y.requires_grad and torch.equal(y, fastnn.linear(x, w, b))
+    with pytest.raises(TypeError, match=r"^bias: got a numpy.ndarray in a call whose x is a torch.Tensor"):
+        fastnn.linear(x, w, b.numpy())
+    with pytest.raises(TypeError, match="^x: this torch.Tensor .CPU. cannot be viewed as a CPU array: .*negative bit"):
+        fastnn.relu(x._neg_view())
+
+
 def test_torch_unsupported_dtype_is_a_type_error():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="^x: "):

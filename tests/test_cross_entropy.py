@@ -1,10 +1,13 @@
 """cross_entropy: loss and gradient against the oracle, label dtypes and views, large logits, NaN, errors."""
+import math
+
 import numpy as np
 import pytest
 
 import fastnn
 from fastnn import reference as ref
 from conftest import DTYPES, LAYOUTS, Unchanged, assert_close, f64, make_array
+from gpu_helpers import GPU_DTYPES, GPU_TOL, gpu, gpu_check, needs_gpu, rand
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (13, 31), (16, 17), (17, 16), (64, 10), (33, 65), (255, 3),
           (127, 1000), (5, 1025)]
@@ -172,3 +175,30 @@ def test_cross_entropy_reduction_errors():
         fastnn.cross_entropy(logits, labels, ignore_index=1.5)
     with pytest.raises(ValueError, match="ignore_index=-1"):
         fastnn.cross_entropy(logits, np.array([0, -2]), ignore_index=-1)
+
+
+# ---- on the GPU: cupy arrays, fast and plain kernels, float32 and float16 (skipped, with the reason, without a usable GPU) ----
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 10), (33, 1000), (4, 1025), (3, 5000)])
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
+def test_cross_entropy_gpu(rng, variant, dtype, shape, label_dtype):
+    x = rand(rng, shape, dtype, scale=2.0)
+    labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
+    loss, grad = fastnn.cross_entropy(gpu(x), gpu(labels))
+    want_loss, want_grad = ref.cross_entropy(f64(x), labels)
+    assert isinstance(loss, float)
+    assert abs(loss - want_loss) <= GPU_TOL[dtype] * max(abs(want_loss), 1.0)
+    gpu_check(grad, want_grad, dtype)
+
+
+@needs_gpu
+def test_cross_entropy_errors_gpu():
+    x = gpu(np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="labels"):
+        fastnn.cross_entropy(x, gpu(np.array([0, 4, 1])))
+    with pytest.raises(TypeError, match="labels"):
+        fastnn.cross_entropy(x, np.array([0, 1, 1]))          # host labels with GPU logits
+    loss, grad = fastnn.cross_entropy(gpu(np.zeros((0, 4), np.float32)), gpu(np.zeros(0, np.int64)))
+    assert math.isnan(loss) and grad.shape == (0, 4)

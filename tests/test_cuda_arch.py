@@ -7,6 +7,8 @@ import pytest
 
 from fastnn import _cuda_arch, _gpu
 
+pytestmark = pytest.mark.gpu  # part of the GPU suite (bench/gpu_check.sh), though it needs no GPU
+
 RELEASE = "80-real,86-real,89-real,90-real,90-virtual"          # the default list
 NATIVE_H200 = "90-real"                                          # `native` on an H100 / H200
 ALL = "75-real,80-real,86-real,87-real,88-real,89-real,90-real,100-real,103-real,110-real,120-real,121"

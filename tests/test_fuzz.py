@@ -9,6 +9,7 @@ FASTNN_FUZZ_EXAMPLES sets the examples per op (default 250).
 """
 import collections
 import faulthandler
+import inspect
 import math
 import os
 import random
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, given, seed, settings, strategies as st
 import fastnn
 from fastnn import reference as ref
 from conftest import assert_close, f64, softmax_backward_scale
-from op_table import OPS as TABLE
+from op_table import OP_IDS, OPS as TABLE
 
 EXAMPLES = int(os.environ.get("FASTNN_FUZZ_EXAMPLES", "250"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
@@ -591,38 +592,99 @@ def check_adam(res, args, before):
             assert np.allclose(got[f], exp[f], rtol=tol, atol=tol * (1 + float(np.max(np.abs(exp[f]), initial=0)))), name
 
 
-# ---- the ops --------------------------------------------------------------------------------------
+# ---- the ops: every op of the shared table (tests/op_table.py), plus adam_update ---------------------
 
+# Per op: fuzz(rng) draws valid arguments (a dict), check(result, args) compares a returned result with the
+# oracle, params are the arguments junk may replace, out_params those the op writes.
 Op = collections.namedtuple("Op", "fn args check params out_params")
 
-OPS = {
-    "matmul": Op(fastnn.matmul, matmul_args, check_matmul, ["a", "b", "out"], ["out"]),
-    "linear": Op(fastnn.linear, linear_args, check_linear, ["x", "weight", "bias", "activation"], []),
-    "relu": Op(fastnn.relu, relu_args, check_relu, ["x", "out"], ["out"]),
-    "relu_backward": Op(fastnn.relu_backward, relu_backward_args, check_relu_backward, ["grad_output", "x", "out"],
-                        ["out"]),
-    "softmax": Op(fastnn.softmax, softmax_args, check_softmax, ["x", "axis", "out"], ["out"]),
-    "log_softmax": Op(fastnn.log_softmax, softmax_args, lambda r, a: check_softmax(r, a, log=True),
-                      ["x", "axis", "out"], ["out"]),
-    "softmax_backward": Op(fastnn.softmax_backward, softmax_backward_args, check_softmax_backward,
-                           ["grad_output", "output", "axis"], []),
-    "log_softmax_backward": Op(fastnn.log_softmax_backward, lambda rng: softmax_backward_args(rng, log=True),
-                               lambda r, a: check_softmax_backward(r, a, log=True),
-                               ["grad_output", "output", "axis"], []),
-    "cross_entropy": Op(fastnn.cross_entropy, cross_entropy_args, check_cross_entropy, ["logits", "labels"], []),
-    "scaled_dot_product_attention": Op(
-        fastnn.scaled_dot_product_attention, sdpa_args, check_sdpa,
-        ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "return_lse"], []),
-    "scaled_dot_product_attention_backward": Op(
-        fastnn.scaled_dot_product_attention_backward, sdpa_backward_args, check_sdpa_backward,
-        ["grad_output", "query", "key", "value", "output", "lse", "attn_mask", "is_causal", "scale", "enable_gqa"], []),
-    "adam_update": Op(fastnn.adam_update, adam_args, None,
-                      ["param", "grad", "exp_avg", "exp_avg_sq", "step", "lr", "beta1", "beta2", "eps",
-                       "weight_decay", "decoupled_weight_decay", "maximize", "max_exp_avg_sq"],
-                      ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
-    "linear_backward": Op(getattr(fastnn, "linear_backward", None), linear_backward_args, check_linear_backward,
-                          ["grad_output", "x", "weight", "bias"], []),
+
+def table_args(op):
+    """The fuzz of a table op without its own strategy below: the table's inputs in a drawn float dtype, each
+    array re-laid out in a drawn layout (values kept), and a drawn out= when the op takes one."""
+    @st.composite
+    def draw_args(draw, rng):
+        dtype = draw(st.sampled_from(FLOATS))
+        args, kw = op.build(rng, dtype)
+        names = list(inspect.signature(getattr(fastnn, op.name)).parameters)
+        laid = {n: relaid(draw, a) if isinstance(a, np.ndarray) and a.dtype in FLOATS else a
+                for n, a in zip(names, args)}
+        if op.out:
+            shape = getattr(fastnn, op.name)(*args, **kw).shape
+            laid["out"] = maybe_out(draw, rng, shape, dtype, [a for a in laid.values() if isinstance(a, np.ndarray)])
+        return {**laid, **kw}
+    return draw_args
+
+
+def relaid(draw, a):
+    """a's values in a drawn input layout (a copy)."""
+    kind = draw(st.sampled_from(["C", "F", "T", "neg", "readonly", "unaligned"]))
+    if kind == "F":
+        return np.asfortranarray(a)
+    if kind == "T":
+        return np.ascontiguousarray(a.T).T
+    if kind == "neg":
+        flip = (...,) + (slice(None, None, -1),) * a.ndim
+        return np.ascontiguousarray(a[flip])[flip]
+    b = layout(np.random.default_rng(0), a.shape, a.dtype, "unaligned" if kind == "unaligned" else "C")
+    b[...] = a
+    b.flags.writeable = kind != "readonly"
+    return b
+
+
+def table_check(op):
+    """The table's oracle on the float64 arguments, within the table's tolerance."""
+    def check(res, args):
+        names = list(inspect.signature(getattr(fastnn, op.name)).parameters)
+        r = _ref_args({k: v for k, v in args.items() if k != "out"})
+        positional = [r.pop(n) for n in names if n in r and isinstance(r[n], np.ndarray)]
+        with np.errstate(all="ignore"):
+            want = op.oracle(*positional, **r)
+        for got, w in zip(res if isinstance(res, tuple) else (res,), want if isinstance(want, tuple) else (want,)):
+            assert_close(got, w, args[names[0]].dtype, k=op.k, check_dtype=isinstance(got, np.ndarray))  # (a loss)
+    return check
+
+
+# The ops' own strategies, checks and junk targets (an op of the table missing here is fuzzed with
+# table_args / table_check over the arrays of its signature).
+FUZZ = {
+    "matmul": (matmul_args, check_matmul, ["a", "b", "out"]),
+    "linear": (linear_args, check_linear, ["x", "weight", "bias", "activation"]),
+    "relu": (relu_args, check_relu, ["x", "out"]),
+    "relu_backward": (relu_backward_args, check_relu_backward, ["grad_output", "x", "out"]),
+    "softmax": (softmax_args, check_softmax, ["x", "axis", "out"]),
+    "log_softmax": (softmax_args, lambda r, a: check_softmax(r, a, log=True), ["x", "axis", "out"]),
+    "softmax_backward": (softmax_backward_args, check_softmax_backward, ["grad_output", "output", "axis"]),
+    "log_softmax_backward": (lambda rng: softmax_backward_args(rng, log=True),
+                             lambda r, a: check_softmax_backward(r, a, log=True), ["grad_output", "output", "axis"]),
+    "cross_entropy": (cross_entropy_args, check_cross_entropy, ["logits", "labels"]),
+    "scaled_dot_product_attention": (
+        sdpa_args, check_sdpa,
+        ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "return_lse"]),
+    "scaled_dot_product_attention_backward": (
+        sdpa_backward_args, check_sdpa_backward,
+        ["grad_output", "query", "key", "value", "output", "lse", "attn_mask", "is_causal", "scale", "enable_gqa"]),
+    "linear_backward": (linear_backward_args, check_linear_backward, ["grad_output", "x", "weight", "bias"]),
 }
+
+
+def table_op(op, own=True):
+    """The fuzz Op of a table op: its own strategy when FUZZ has one (and `own`), else the table's."""
+    if own and op.name in FUZZ:
+        args, check, params = FUZZ[op.name]
+    else:
+        n = len(op.build(np.random.default_rng(0), np.float32)[0])
+        params = list(inspect.signature(getattr(fastnn, op.name)).parameters)[:n] + (["out"] if op.out else [])
+        args, check = table_args(op), table_check(op)
+    return Op(getattr(fastnn, op.name), args, check, params, ["out"] if op.out else [])
+
+
+OPS = {op.name: table_op(op) for op in TABLE}
+# adam_update updates its state in place (no result to compare by the table): its own strategy and check.
+OPS["adam_update"] = Op(fastnn.adam_update, adam_args, None,
+                        ["param", "grad", "exp_avg", "exp_avg_sq", "step", "lr", "beta1", "beta2", "eps",
+                         "weight_decay", "decoupled_weight_decay", "maximize", "max_exp_avg_sq"],
+                        ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
 # Not kernels: the build record, thread and ISA settings, the CUDA probe, and the Adam class (over adam_update).
 NOT_FUZZED = {"__version__", "info", "set_num_threads", "get_num_threads", "cpu_isa", "set_cpu_isa", "Adam",
               "cuda_is_available"}
@@ -630,7 +692,7 @@ NOT_FUZZED = {"__version__", "info", "set_num_threads", "get_num_threads", "cpu_
 
 def test_every_public_function_is_fuzzed():
     missing = [n for n in fastnn.__all__ if n not in OPS and n not in NOT_FUZZED]
-    assert not missing, f"add these to tests/test_fuzz.py OPS: {missing}"
+    assert not missing, f"add these to tests/op_table.py: {missing}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -661,7 +723,22 @@ def _same_memory(a, b):
 @SETTINGS
 @given(data=st.data())
 def test_fuzz(name, data):
-    op = OPS[name]
+    fuzz_one(name, OPS[name], data)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("name", OP_IDS)
+@seed(SEED)
+@settings(SETTINGS, max_examples=max(EXAMPLES // 5, 10))
+@given(data=st.data())
+def test_fuzz_table_inputs(name, data):
+    """Every table op fuzzed the way a new op is before it has a strategy of its own: the table's inputs in
+    random layouts, junk, out= views, checked against the table's oracle."""
+    fuzz_one(name, table_op(TABLE[OP_IDS.index(name)], own=False), data)
+
+
+def fuzz_one(name, op, data):
+    """One fuzz example: valid arguments drawn by op.args, 0-2 of them replaced by junk, then the contract."""
     if op.fn is None:
         pytest.skip(f"fastnn.{name} does not exist in this build")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))

@@ -13,86 +13,20 @@ import pytest
 import fastnn
 from fastnn import _gpu
 from fastnn import reference as ref
+from gpu_helpers import GPU_DTYPES, GPU_TOL, cp, gpu, needs_gpu, rand
+from gpu_helpers import gpu_check as check
 
 pytestmark = pytest.mark.gpu
 
 
-def _skip_reason():
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return "no cupy"
-    reason = _gpu.unavailable_reason()
-    if reason is not None:
-        return f"no CUDA device ({reason})"
-    if not fastnn.cuda_is_available():
-        return "the current CUDA device is not covered by the compiled architectures"
-    return None
-
-
-_REASON = _skip_reason()
-needs_gpu = pytest.mark.skipif(_REASON is not None, reason=f"GPU tests skipped: {_REASON}")
-if _REASON is None:
-    import cupy as cp
-else:
-    cp = None
-
-DTYPES = [np.float32, np.float16]
-TOL = {np.float32: 1e-5, np.float16: 2e-3}
+DTYPES, TOL = GPU_DTYPES, GPU_TOL
 # lse is float32 for both dtypes: float16 inputs give it to float32 accuracy (a float16 lse would be off by
 # up to 2**-11 relative, over this bound).
 LSE_TOL = {np.float32: 1e-5, np.float16: 1e-4}
 
 
-@pytest.fixture(params=["fast", "plain"])
-def variant(request):
-    """Runs a test with the fast kernels, then with the plain reference kernels."""
-    with _gpu.plain_kernels(request.param == "plain"):
-        yield request.param
-
-
-@pytest.fixture(autouse=True)
-def poisoned_pool():
-    """Fills cupy's memory pool with NaN bytes before each test (outputs a kernel forgets to write stay NaN)
-    and frees it after (the large cases need the memory)."""
-    if cp is None:
-        yield
-        return
-    pool = cp.get_default_memory_pool()
-    pool.free_all_blocks()
-    junk = cp.full(64 << 20, 0xFF, dtype=cp.uint8)  # 0xFFFF / 0xFFFFFFFF are NaN in float16 / float32
-    del junk
-    yield
-    cp.cuda.Device().synchronize()
-    pool.free_all_blocks()
-
-
-def rand(rng, shape, dtype, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
-
-
-def gpu(a):
-    return cp.asarray(a)
-
-
 def f64(a):
     return None if a is None else np.asarray(a, np.float64)
-
-
-def check(got, want, dtype, tol=None):
-    """got matches the float64 oracle: shape, dtype, NaN and +-inf positions, relative-norm error."""
-    got = cp.asnumpy(got) if isinstance(got, cp.ndarray) else np.asarray(got)
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
-    assert got.dtype == np.dtype(dtype), f"dtype {got.dtype} != {np.dtype(dtype)}"
-    g = got.astype(np.float64)
-    assert np.array_equal(np.isnan(g), np.isnan(want)), \
-        f"NaN positions differ: {np.argwhere(np.isnan(g) != np.isnan(want))[:5].tolist()}"
-    assert np.array_equal(np.isposinf(g), np.isposinf(want)) and np.array_equal(np.isneginf(g), np.isneginf(want))
-    fin = np.isfinite(want)
-    err = np.linalg.norm(g[fin] - want[fin]) / max(np.linalg.norm(want[fin]), 1e-300)
-    bound = TOL[dtype] if tol is None else tol
-    assert err <= bound, f"relative error {err:.3e} > {bound:.1e} ({np.dtype(dtype)})"
 
 
 def need_gpu_memory(gib):
@@ -482,3 +416,68 @@ def test_sdpa_backward_takes_the_float32_lse(rng):
     assert all(gr.dtype == cp.float16 for gr in grads)
     with pytest.raises(TypeError, match="lse: expected a float32"):
         fastnn.scaled_dot_product_attention_backward(o, q, q, q, o, lse.astype(cp.float16))
+
+
+# ---- no GPU needed; streams ------------------------------------------------------------------
+
+class FakeGpuArray:
+    """The smallest object that claims to live in GPU memory."""
+    __cuda_array_interface__ = {"shape": (4,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+def test_cuda_is_available_never_raises():
+    avail = fastnn.cuda_is_available()
+    assert isinstance(avail, bool)
+    info = fastnn.info()
+    assert isinstance(info["cuda_built"], bool)
+    assert info["cuda_available"] is avail
+    if not avail:
+        assert info["cuda_unavailable_reason"]
+    if info["cuda_built"]:
+        assert info["cuda_toolkit"] and info["cuda_architectures"]
+
+
+def test_gpu_array_without_usable_gpu_is_a_clear_runtime_error(monkeypatch):
+    if fastnn.cuda_is_available():  # reach the no-GPU error path by making the probe report no device
+        monkeypatch.setitem(_gpu._state, "reason", "no CUDA device is usable (simulated)")
+    reason = _gpu.unavailable_reason()
+    for call in (lambda: fastnn.relu(FakeGpuArray()),
+                 lambda: fastnn.matmul(FakeGpuArray(), FakeGpuArray()),
+                 lambda: fastnn.softmax(x=FakeGpuArray())):
+        with pytest.raises(RuntimeError, match="GPU array") as e:
+            call()
+        assert reason is None or reason in str(e.value)
+    # a GPU array mixed with a numpy array is a TypeError naming both
+    with pytest.raises(TypeError, match="^b: got a GPU array .* whose a is a numpy.ndarray"):
+        fastnn.matmul(np.ones((2, 2), np.float32), FakeGpuArray())
+
+
+def test_one_public_function_per_op():
+    from fastnn import _ops
+    for name in ("matmul", "linear", "relu", "relu_backward", "softmax", "log_softmax", "softmax_backward",
+                 "cross_entropy", "scaled_dot_product_attention", "adam_update", "linear_backward"):
+        assert getattr(fastnn, name) is getattr(_ops, name), name
+        assert getattr(fastnn, name).__doc__
+    x = np.array([-1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(fastnn.relu(x), [0.0, 2.0])
+
+
+def test_arch_rule():
+    archs = "80-real,86-real,89-real,90-real,90-virtual"
+    assert _gpu._arch_supports(archs, (8, 0))
+    assert _gpu._arch_supports(archs, (8, 7))      # sm_86 machine code runs on 8.7
+    assert _gpu._arch_supports(archs, (10, 0))     # PTX 90 is JIT-compiled for newer GPUs
+    assert not _gpu._arch_supports(archs, (7, 5))
+    assert not _gpu._arch_supports("90-real", (10, 0))
+
+
+@needs_gpu
+def test_launches_go_to_the_current_stream(rng):
+    """Ops run on cupy's current stream and do not synchronize: results are right after that stream syncs."""
+    a, b = rand(rng, (300, 200), np.float32), rand(rng, (200, 100), np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        ga, gb = gpu(a), gpu(b)
+        c = fastnn.softmax(fastnn.relu(fastnn.matmul(ga, gb)))
+    stream.synchronize()
+    check(c, ref.softmax(ref.relu(f64(a) @ f64(b))), np.float32)

@@ -5,6 +5,7 @@ import pytest
 import fastnn
 from fastnn import reference as ref
 from conftest import DTYPES, LAYOUTS, Unchanged, assert_close, f64, make_array, poisoned
+from gpu_helpers import GPU_DTYPES, cp, gpu, gpu_check, needs_gpu, rand
 
 SIZES_2D = [
     (1, 1, 1), (1, 7, 1), (7, 1, 13), (13, 31, 7), (15, 16, 17), (16, 16, 16), (17, 15, 16),
@@ -318,3 +319,97 @@ def test_linear_batched_input(rng, dtype, x_shape, activation):
     got = fastnn.linear(x, w, bias, activation=activation)
     keep.check()
     assert_close(got, ref.linear(*f64(x, w, bias), activation=activation), dtype, k=8)
+
+
+# ---- on the GPU: cupy arrays, fast and plain kernels, float32 and float16 (skipped, with the reason, without a usable GPU) ----
+
+MATMUL_SHAPES = [  # (a shape, b shape)
+    ((1, 1), (1, 1)), ((7, 13), (13, 5)), ((127, 129), (129, 65)), ((128, 128), (128, 128)),
+    ((129, 257), (257, 33)), ((64, 784), (784, 128)), ((3, 17, 19), (3, 19, 23)), ((3, 1, 17, 19), (4, 19, 23)),
+    ((19,), (19, 7)), ((5, 19), (19,)), ((19,), (19,)), ((8, 0), (0, 9)), ((256, 512), (512, 136)),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shapes", MATMUL_SHAPES, ids=str)
+def test_matmul_gpu(rng, variant, dtype, shapes):
+    a, b = rand(rng, shapes[0], dtype), rand(rng, shapes[1], dtype)
+    want = np.matmul(f64(a), f64(b))
+    gpu_check(fastnn.matmul(gpu(a), gpu(b)), want, dtype)
+    out = cp.full(want.shape, cp.nan, dtype)
+    assert fastnn.matmul(gpu(a), gpu(b), out=out) is out
+    gpu_check(out, want, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("layout", ["T", "TT", "neg", "step", "offset"])
+def test_matmul_views_gpu(rng, variant, dtype, layout):
+    A, B = rand(rng, (130, 97), dtype), rand(rng, (97, 71), dtype)
+    if layout == "T":        # column-major a (unit stride down the rows)
+        a, b = gpu(np.ascontiguousarray(A.T)).T, gpu(B)
+    elif layout == "TT":     # both transposed
+        a, b = gpu(np.ascontiguousarray(A.T)).T, gpu(np.ascontiguousarray(B.T)).T
+    elif layout == "neg":    # reversed rows and columns
+        a, b = gpu(A[::-1].copy())[::-1], gpu(B[:, ::-1].copy())[:, ::-1]
+    elif layout == "step":   # every other element
+        a, b = gpu(np.repeat(A, 2, axis=1))[:, ::2], gpu(np.repeat(B, 2, axis=0))[::2]
+    else:                    # a start that is not 16-byte aligned (scalar loads in the float16 kernel)
+        a = gpu(np.concatenate([np.zeros((130, 1), dtype), A], axis=1))[:, 1:]
+        b = gpu(B)
+    gpu_check(fastnn.matmul(a, b), np.matmul(f64(A), f64(B)), dtype)
+
+
+@needs_gpu
+def test_matmul_large_by_random_vector_gpu(rng):
+    """A 1024^3 float32 product checked cheaply: C t against A (B t) in float64."""
+    n = 1024
+    a, b = rand(rng, (n, n), np.float32), rand(rng, (n, n), np.float32)
+    c = cp.asnumpy(fastnn.matmul(gpu(a), gpu(b))).astype(np.float64)
+    t = rng.standard_normal(n)
+    want = f64(a) @ (f64(b) @ t)
+    assert np.linalg.norm(c @ t - want) / np.linalg.norm(want) <= 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (64, 784, 128), (2, 33, 70, 129), (5, 8, 8)])
+def test_linear_gpu(rng, variant, dtype, activation, shape):
+    *lead, n_in, n_out = shape
+    x = rand(rng, tuple(lead) + (n_in,), dtype)
+    w = rand(rng, (n_in, n_out), dtype)
+    bias = rand(rng, n_out, dtype)
+    gpu_check(fastnn.linear(gpu(x), gpu(w), gpu(bias), activation=activation),
+          ref.linear(f64(x), f64(w), f64(bias), activation), dtype)
+    gpu_check(fastnn.linear(gpu(x), gpu(w)), ref.linear(f64(x), f64(w)), dtype)
+
+
+@needs_gpu
+def test_matmul_argument_errors_gpu():
+    a = gpu(np.ones((3, 4), np.float32))
+    with pytest.raises(TypeError, match="^b: got a numpy.ndarray"):
+        fastnn.matmul(a, np.ones((4, 2), np.float32))
+    with pytest.raises(TypeError, match="^b: got a cupy.ndarray in a call whose a is a numpy.ndarray"):
+        fastnn.matmul(np.ones((3, 4), np.float32), gpu(np.ones((4, 2), np.float32)))
+    with pytest.raises(TypeError, match="float32 or float16"):
+        fastnn.matmul(a.astype(cp.float64), a.T.astype(cp.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        fastnn.matmul(a, a.T.astype(cp.float16))
+    with pytest.raises(ValueError, match="inner dimensions"):
+        fastnn.matmul(a, a)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_linear_backward_matches_the_cpu_gpu(rng, dtype):
+    x, w, g = rand(rng, (3, 7, 33), dtype), rand(rng, (33, 20), dtype), rand(rng, (3, 7, 20), dtype)
+    want = fastnn.linear_backward(f64(g), f64(x), f64(w))
+    got = fastnn.linear_backward(gpu(g), gpu(x), gpu(w))
+    for a, b in zip(got, want):
+        assert isinstance(a, cp.ndarray) and a.dtype == dtype
+        gpu_check(a, b, dtype)
+    gx, gw, gb = fastnn.linear_backward(gpu(g), gpu(x), gpu(w), bias=False, x_grad=False)
+    assert gx is None and gb is None
+    gpu_check(gw, want[1], dtype)

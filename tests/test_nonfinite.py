@@ -8,6 +8,7 @@ import pytest
 import fastnn
 from fastnn import reference as ref
 from conftest import assert_close, f64, softmax_backward_scale
+from gpu_helpers import needs_gpu
 
 VALUES = [np.nan, np.inf, -np.inf]
 # Sizes: 69 = 4 * 16 + 5 columns (a vector body and a tail on every path), 37 rows (tile + 1 and - 3 for the
@@ -196,20 +197,6 @@ def test_nonfinite_adam(isa, restore_threads, rng, option, dtype, threads):
 
 
 # ---- the same matrix on the GPU ---------------------------------------------------------------------
-
-def _gpu_skip_reason():
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return "no cupy"
-    if not fastnn.cuda_is_available():
-        return "no usable CUDA device (or fastnn built without CUDA)"
-    return None
-
-
-_GPU_REASON = _gpu_skip_reason()
-needs_gpu = pytest.mark.skipif(_GPU_REASON is not None, reason=f"GPU matrix skipped: {_GPU_REASON}")
-
 
 @needs_gpu
 @pytest.mark.parametrize("name", list(OPS))

@@ -4,7 +4,8 @@ import pytest
 
 import fastnn
 from fastnn import reference as ref
-from conftest import DTYPES, LAYOUTS, Unchanged, assert_close, f64, make_array, poisoned
+from conftest import DTYPES, LAYOUTS, Unchanged, f64, make_array, poisoned
+from gpu_helpers import GPU_DTYPES, cp, gpu, gpu_check, needs_gpu, rand
 
 SHAPES = [(0,), (1,), (7,), (15,), (16,), (17,), (31,), (32,), (33,), (63,), (64,), (65,), (127,),
           (1000,), (100003,), (3, 0, 2), (13, 31), (2, 3, 61), (257, 255)]
@@ -189,3 +190,37 @@ def test_relu_in_place_views(rng, dtype, layout):
     assert_exact(x, expected, dtype)
     if layout == "step":
         assert np.array_equal(base[:, 1::2], untouched), "wrote outside the view"
+
+
+# ---- on the GPU: cupy arrays, fast and plain kernels, float32 and float16 (skipped, with the reason, without a usable GPU) ----
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4097, 1 << 20])
+def test_relu_gpu(rng, variant, dtype, n):
+    x = rand(rng, n, dtype)
+    if n > 7:
+        x[::7] = np.nan
+    gpu_check(fastnn.relu(gpu(x)), ref.relu(f64(x)), dtype)
+    g = rand(rng, n, dtype)
+    gpu_check(fastnn.relu_backward(gpu(g), gpu(x)), ref.relu_backward(f64(g), f64(x)), dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_relu_views_out_and_in_place_gpu(rng, variant, dtype):
+    base = rand(rng, (33, 70), dtype)
+    x = gpu(base)[:, 3:68:2]               # strided view, misaligned start
+    want = ref.relu(f64(base[:, 3:68:2]))
+    gpu_check(fastnn.relu(x), want, dtype)
+    out = cp.full(x.shape, cp.nan, dtype)   # poisoned out=
+    assert fastnn.relu(x, out=out) is out
+    gpu_check(out, want, dtype)
+    y = gpu(base)
+    assert fastnn.relu(y, out=y) is y       # in place
+    gpu_check(y, ref.relu(f64(base)), dtype)
+    xt = gpu(base).T                        # Fortran-ordered view
+    gpu_check(fastnn.relu(xt), ref.relu(f64(base.T)), dtype)
+    g = rand(rng, (33, 70), dtype)
+    dout = cp.full((33, 70), cp.nan, dtype)
+    gpu_check(fastnn.relu_backward(gpu(g), gpu(base), out=dout), ref.relu_backward(f64(g), f64(base)), dtype)

@@ -6,6 +6,7 @@ import fastnn
 from fastnn import reference as ref
 from conftest import (DTYPES, LAYOUTS, Unchanged, assert_close, f64, make_array, poisoned,
                       softmax_backward_scale)
+from gpu_helpers import GPU_DTYPES, cp, gpu, gpu_check, needs_gpu, rand
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (13, 31), (15, 16), (16, 17), (17, 15), (33, 63), (64, 65),
           (63, 64), (3, 255), (2, 256), (5, 257), (2, 3, 127), (3, 1025), (61, 32)]
@@ -265,3 +266,52 @@ def test_streamed_results(isa, rng, dtype, shape):
     ref_loss, ref_grad = ref.cross_entropy(x64, labels)
     assert abs(loss - ref_loss) <= (1e-5 if dtype == np.float32 else 1e-12) * abs(ref_loss)
     assert_close(grad, ref_grad, dtype, k=shape[1])
+
+
+# ---- on the GPU: cupy arrays, fast and plain kernels, float32 and float16 (skipped, with the reason, without a usable GPU) ----
+
+SOFTMAX_SHAPES = [(1, 1), (3, 31), (5, 32), (4, 33), (17, 1000), (3, 1024), (2, 1025), (3, 4099), (2, 3, 50)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES)
+def test_softmax_and_log_softmax_gpu(rng, variant, dtype, shape):
+    x = rand(rng, shape, dtype, scale=3.0)
+    x.reshape(-1, shape[-1])[0, 0] = 60.0    # an outlier: the max must be subtracted
+    for fn, oracle in ((fastnn.softmax, ref.softmax), (fastnn.log_softmax, ref.log_softmax)):
+        gpu_check(fn(gpu(x)), oracle(f64(x)), dtype)
+        gpu_check(fn(gpu(x), axis=0), oracle(f64(x), axis=0), dtype)
+        out = cp.full(shape, cp.nan, dtype)
+        assert fn(gpu(x), out=out) is out
+        gpu_check(out, oracle(f64(x)), dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_softmax_special_rows_gpu(variant, dtype):
+    x = np.array([[0.0, -np.inf, 1.0, 2.0],       # -inf entries: probability 0
+                  [1.0, np.nan, 0.0, 0.0],        # NaN: the whole row NaN (as NumPy's formula)
+                  [0.0, np.inf, 1.0, 1.0],        # +inf: NaN
+                  [1e4, -1e4, 0.0, 1e4]], dtype)
+    with np.errstate(invalid="ignore"):
+        gpu_check(fastnn.softmax(gpu(x)), ref.softmax(f64(x)), dtype)
+        gpu_check(fastnn.log_softmax(gpu(x)), ref.log_softmax(f64(x)), dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 33), (7, 1000), (2, 2049)])
+def test_softmax_backward_gpu(rng, variant, dtype, shape):
+    x = rand(rng, shape, dtype, scale=2.0)
+    g = rand(rng, shape, dtype)
+    y = ref.softmax(f64(x)).astype(dtype)
+    terms = np.abs(f64(y)) * (np.abs(f64(g)) + np.sum(np.abs(f64(g * y)), axis=-1, keepdims=True))
+    gpu_check(fastnn.softmax_backward(gpu(g), gpu(y)), ref.softmax_backward(f64(g), f64(y)), dtype,
+          scale=float(np.linalg.norm(terms)))
+    ly = ref.log_softmax(f64(x)).astype(dtype)
+    want = f64(g) - np.exp(f64(ly)) * np.sum(f64(g), axis=-1, keepdims=True)
+    lterms = np.abs(f64(g)) + np.exp(f64(ly)) * np.sum(np.abs(f64(g)), axis=-1, keepdims=True)
+    gpu_check(fastnn.log_softmax_backward(gpu(g), gpu(ly)), want, dtype, scale=float(np.linalg.norm(lterms)))
+    gpu_check(fastnn.softmax_backward(gpu(g), gpu(y), axis=0), ref.softmax_backward(f64(g), f64(y), axis=0), dtype,
+          scale=float(np.linalg.norm(terms)))

@@ -28,7 +28,9 @@ class Case:
     `traffic` (the bytes it must at least read and write) and a byte row `est_flops` (an estimate).
     `only` is "full" for a row run only without --quick, "quick" for its shrunk --quick stand-in;
     `requires` names a fastnn attribute the row needs (skipped when fastnn lacks it); `blas` says
-    that NumPy's implementation (or the oracle) runs BLAS, whose idle threads spin for a while.
+    that NumPy's implementation (or the oracle) runs BLAS, whose idle threads spin for a while;
+    `torch_arrays` that fastnn is called on torch CPU tensors (a tiny-call row beside its numpy twin:
+    the difference is what adopting the tensors and wrapping the result costs; skipped without torch).
     """
     op: str
     label: str
@@ -47,6 +49,7 @@ class Case:
     only: str = ""
     requires: str = ""
     blas: bool = False
+    torch_arrays: bool = False
 
     def __post_init__(self):
         if self.error is None:

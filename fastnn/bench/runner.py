@@ -164,18 +164,21 @@ def run(ops=None, quick=False, threads=None, json_path=None, torch="auto", out=s
     measure each count's limits, then for every selected case make the inputs and the oracle once and
     check + time every implementation on each count. Prints the tables to `out` and the progress to
     `progress`, writes `json_path` and the roofline `plot_path` when given. Returns everything as a dict."""
-    cases = select(ops, quick)
-    skipped = [c for c in select(ops, quick, available=False) if not c.available()]
     if torch == "auto":
         torch = import_torch()
+    cases = [c for c in select(ops, quick) if torch is not None or not c.torch_arrays]
+    skipped = [(c, f"fastnn.{c.requires} does not exist") for c in select(ops, quick, available=False)
+               if not c.available()]
+    skipped += [(c, "it calls fastnn on torch tensors, and torch is not used") for c in select(ops, quick)
+                if c.torch_arrays and torch is None]
     if threads is None:
         counts = default_threads()
     elif isinstance(threads, int):
         counts = [threads]
     else:
         counts = list(dict.fromkeys(threads))
-    for c in skipped:
-        print(f"skipping {c.op} {c.label}: fastnn.{c.requires} does not exist", file=progress)
+    for c, why in skipped:
+        print(f"skipping {c.op} {c.label}: {why}", file=progress)
     previous_threads = fastnn.get_num_threads()
     runs = {n: {"threads": n, "rows": []} for n in counts}
     try:
@@ -214,7 +217,7 @@ def run(ops=None, quick=False, threads=None, json_path=None, torch="auto", out=s
         "torch": getattr(torch, "__version__", None),
         "torch_kernels": torch_kernels(torch),
         "peer_isa": os.environ.get(FORCED_ENV),
-        "skipped": [f"{c.op} {c.label}: fastnn.{c.requires} does not exist" for c in skipped],
+        "skipped": [f"{c.op} {c.label}: {why}" for c, why in skipped],
         "runs": [{"threads": n, "blas": runs[n]["blas"], "limits": runs[n]["limits"],
                   "rows": [r.to_dict() for r in runs[n]["rows"]]} for n in counts],
     }

@@ -1,4 +1,6 @@
-"""Timing one call: the median of grouped samples, after the previous library's worker threads went quiet."""
+"""Timing one call. On the CPU (`time_call`): wall clock, the median of grouped samples, after the previous
+library's worker threads went quiet. On a GPU (`CudaEvents`, the timer of bench/gpu_bench.py): CUDA events
+around each call on the current stream, L2 flushed before each repetition. Both give a `Timing`."""
 from __future__ import annotations
 
 import os
@@ -131,3 +133,38 @@ def time_call(fn, budget=0.5, min_samples=5, max_samples=1000, first=None, warmu
             break
     p90 = statistics.quantiles(samples, n=10)[-1] if len(samples) >= 5 else None
     return Timing(statistics.median(samples), min(samples), len(samples) * group, p90)
+
+
+class CudaEvents:
+    """The GPU timer: CUDA events recorded around each call on cupy's current stream, the L2 cache flushed
+    before each repetition (so every call reads its operands from device memory, as a call in a real step
+    does), the median of the repetitions. `cupy` is the module (passed in: importing fastnn.bench never
+    imports it)."""
+
+    FLUSH_BYTES = 256 << 20  # written before each repetition: beyond any current L2 (H100 / H200: 50 MB)
+
+    def __init__(self, cupy):
+        self.cp = cupy
+        self._flush = None
+
+    def flush_l2(self):
+        if self._flush is None:
+            self._flush = self.cp.empty(self.FLUSH_BYTES, self.cp.uint8)
+        self._flush.fill(1)
+
+    def __call__(self, fn, reps, warmup=3) -> Timing:
+        """fn() timed `reps` times after `warmup` untimed calls."""
+        for _ in range(warmup):
+            fn()
+        cuda = self.cp.cuda
+        start, end = cuda.Event(), cuda.Event()
+        times = []
+        for _ in range(reps):
+            self.flush_l2()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(cuda.get_elapsed_time(start, end) * 1e-3)  # ms -> s
+        p90 = statistics.quantiles(times, n=10)[-1] if len(times) >= 5 else None
+        return Timing(statistics.median(times), min(times), len(times), p90)

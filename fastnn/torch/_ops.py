@@ -17,13 +17,21 @@ from torch import Tensor
 import fastnn
 from fastnn._dropout import dropout_p_value
 
-from ._convert import run
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32,)
 
 
 # ---- custom ops ----------------------------------------------------------------------------------------
+
+# The implementations call fastnn's functions on the tensors themselves (CPU tensors are read as numpy views,
+# CUDA ones run on torch's current stream; results come back as tensors on the same device).
+
+def _dense(t: Tensor) -> Tensor:
+    """A result as the fake implementations describe it, contiguous (a kernel may leave a transposed layout,
+    as relu does for a transposed input)."""
+    return t if t.is_contiguous() else t.contiguous()
+
 
 _IMPL = {}  # op name -> its Python implementation
 _DEFS = {}  # op name -> its CustomOpDef
@@ -88,7 +96,7 @@ def _call(name: str, *args):
 @_op("linear")
 def _linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
     # weight is torch's (out, in); fastnn reads its transpose (in, out) in place through the strides.
-    return run(fastnn.linear, input, weight.t(), bias, activation=activation)
+    return _dense(fastnn.linear(input, weight.t(), bias, activation=activation))
 
 
 @_linear.register_fake
@@ -106,9 +114,9 @@ def _linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor) -> Tupl
     """(grad_input, grad_weight) of y = input @ weight.T, weight (out, in): both products on the matmul
     kernel reading the transposes in place."""
     g2, x2 = _rows(grad_output), _rows(input)
-    grad_x = run(fastnn.matmul, g2, weight).reshape(input.shape)   # (rows, out) @ (out, in)
-    grad_w = run(fastnn.matmul, g2.t(), x2)                        # (out, rows) @ (rows, in)
-    return grad_x, grad_w
+    grad_x = fastnn.matmul(g2, weight).reshape(input.shape)   # (rows, out) @ (out, in)
+    grad_w = fastnn.matmul(g2.t(), x2)                        # (out, rows) @ (rows, in)
+    return _dense(grad_x), _dense(grad_w)
 
 
 @_linear_backward.register_fake
@@ -137,7 +145,7 @@ _autograd(_linear, _linear_grad, _linear_setup)
 
 @_op("matmul")
 def _matmul(input: Tensor, other: Tensor) -> Tensor:
-    return run(fastnn.matmul, input, other)
+    return _dense(fastnn.matmul(input, other))
 
 
 @_matmul.register_fake
@@ -165,12 +173,12 @@ _autograd(_matmul, _matmul_grad, _matmul_setup)
 
 @_op("relu")
 def _relu(input: Tensor) -> Tensor:
-    return run(fastnn.relu, input)
+    return _dense(fastnn.relu(input))
 
 
 @_op("relu_backward")
 def _relu_backward(grad_output: Tensor, input: Tensor) -> Tensor:
-    return run(fastnn.relu_backward, grad_output, input)
+    return _dense(fastnn.relu_backward(grad_output, input))
 
 
 def _like_first(x, *rest):
@@ -195,22 +203,22 @@ _autograd(_relu, _relu_grad, _relu_setup)
 
 @_op("softmax")
 def _softmax(input: Tensor, dim: int) -> Tensor:
-    return run(fastnn.softmax, input, dim)
+    return _dense(fastnn.softmax(input, dim))
 
 
 @_op("log_softmax")
 def _log_softmax(input: Tensor, dim: int) -> Tensor:
-    return run(fastnn.log_softmax, input, dim)
+    return _dense(fastnn.log_softmax(input, dim))
 
 
 @_op("softmax_backward")
 def _softmax_backward(grad_output: Tensor, output: Tensor, dim: int) -> Tensor:
-    return run(fastnn.softmax_backward, grad_output, output, dim)
+    return _dense(fastnn.softmax_backward(grad_output, output, dim))
 
 
 @_op("log_softmax_backward")
 def _log_softmax_backward(grad_output: Tensor, output: Tensor, dim: int) -> Tensor:
-    return run(fastnn.log_softmax_backward, grad_output, output, dim)
+    return _dense(fastnn.log_softmax_backward(grad_output, output, dim))
 
 
 for _def in (_softmax, _log_softmax, _softmax_backward, _log_softmax_backward):
@@ -240,7 +248,7 @@ _autograd(_log_softmax, _log_softmax_grad, _softmax_setup)
 def _cross_entropy(input: Tensor, target: Tensor, reduction: str, ignore_index: int) -> Tuple[Tensor, Tensor]:
     """(loss, grad): the loss as torch's cross_entropy gives it and its gradient with respect to input
     ("none": of the summed losses), from one fused pass; the backward only scales grad."""
-    loss, grad = run(fastnn.cross_entropy, input, target, reduction=reduction, ignore_index=ignore_index)
+    loss, grad = fastnn.cross_entropy(input, target, reduction=reduction, ignore_index=ignore_index)
     if not isinstance(loss, Tensor):
         loss = torch.tensor(loss, dtype=input.dtype, device=input.device)
     return loss, grad
@@ -277,9 +285,9 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
           is_causal: bool, scale: Optional[float], enable_gqa: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(output, lse): the attention and each query row's log-sum-exp, which the backward needs. With
     dropout_p > 0, seed (an int64 scalar tensor) keys the kernel's Philox mask; the backward regenerates it."""
-    out = run(fastnn.scaled_dot_product_attention, query, key, value, attn_mask, dropout_p, is_causal, scale,
-              enable_gqa, return_lse=True, rng=_rng_state(seed) if dropout_p > 0 else None)
-    return out[0], out[1]
+    out = fastnn.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                              return_lse=True, rng=_rng_state(seed) if dropout_p > 0 else None)
+    return _dense(out[0]), _dense(out[1])  # (out, lse[, rng_state]): the seed tensor keeps the rng state
 
 
 def _sdpa_batch(query, key, value, enable_gqa):
@@ -299,9 +307,10 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, see
 def _sdpa_backward(grad_output: Tensor, query: Tensor, key: Tensor, value: Tensor, output: Tensor, lse: Tensor,
                    attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: Optional[float],
                    enable_gqa: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    return run(fastnn.scaled_dot_product_attention_backward, grad_output, query, key, value, output, lse, attn_mask,
-               is_causal, scale, enable_gqa, dropout_p=dropout_p,
-               rng_state=_rng_state(seed) if dropout_p > 0 else None)
+    grads = fastnn.scaled_dot_product_attention_backward(grad_output, query, key, value, output, lse, attn_mask,
+                                                         is_causal, scale, enable_gqa, dropout_p=dropout_p,
+                                                         rng_state=_rng_state(seed) if dropout_p > 0 else None)
+    return tuple(_dense(g) for g in grads)
 
 
 @_sdpa_backward.register_fake

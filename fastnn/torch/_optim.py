@@ -12,7 +12,11 @@ import fastnn
 from fastnn import _C
 from fastnn._ops import adam_scalars
 
-from ._convert import run
+
+
+def _views(tensors):
+    """numpy views of CPU tensors (the multi-tensor kernel's arguments): detached, zero-copy."""
+    return None if tensors is None else [t.detach().numpy() for t in tensors]
 
 
 class Adam(torch.optim.Optimizer):
@@ -99,9 +103,10 @@ class Adam(torch.optim.Optimizer):
             bc2s.append(scalars[n][1])
         if device.type == "cuda":  # one launch per tensor through fastnn's GPU adam_update
             for i, p in enumerate(params):
-                run(fastnn.adam_update, p, grads[i], exp_avgs[i], exp_avg_sqs[i], step=int(steps[i].item()), lr=lr,
-                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, decoupled_weight_decay=self._decoupled,
-                    maximize=maximize, max_exp_avg_sq=None if vmaxs is None else vmaxs[i])
+                fastnn.adam_update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], step=int(steps[i].item()), lr=lr,
+                                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                                   decoupled_weight_decay=self._decoupled, maximize=maximize,
+                                   max_exp_avg_sq=None if vmaxs is None else vmaxs[i])
             return
         # The kernel updates contiguous memory in place: a non-contiguous tensor (rare) is updated through a
         # contiguous copy written back afterwards.
@@ -113,8 +118,8 @@ class Adam(torch.optim.Optimizer):
                     lst[i] = t.contiguous()
                     write_back.append((t, lst[i]))
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-        run(_C.adam_multi, params, grads, exp_avgs, exp_avg_sqs, vmaxs, lr, beta1, beta2, eps, wd, step_sizes, bc2s,
-            self._decoupled, maximize)
+        _C.adam_multi(_views(params), _views(grads), _views(exp_avgs), _views(exp_avg_sqs), _views(vmaxs), lr, beta1,
+                      beta2, eps, wd, step_sizes, bc2s, self._decoupled, maximize)
         for t, c in write_back:
             t.copy_(c)
 

@@ -1,4 +1,5 @@
-"""Element-wise ops: relu (out of place, in place, a tiny call) and relu_backward."""
+"""Element-wise ops: relu (out of place, in place, a tiny call on numpy arrays and on torch tensors) and
+relu_backward."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,21 +39,27 @@ def relu_case(n, inplace, only="") -> Case:
         formula="4*n read + 4*n written", tol=0.0, only=only, est_flops=EST_FLOPS["relu"] * n)
 
 
-def tiny_relu_case(n) -> Case:
+def tiny_relu_case(n, torch_arrays=False) -> Case:
     """The call overhead: ReLU on a handful of elements, every implementation allocating its result
-    as a user would write it (`np.maximum(x, 0)`, `torch.relu(t)`)."""
+    as a user would write it (`np.maximum(x, 0)`, `torch.relu(t)`); with `torch_arrays`, fastnn is
+    called on the torch tensor (`fastnn.relu(t)`, a tensor back) instead of the numpy array."""
+    def fastnn_impl(x, torch):
+        a = _tensor(torch, x["x"]) if torch_arrays else x["x"]
+        return lambda: fastnn.relu(a)
+
     def torch_impl(x, torch):
         t = _tensor(torch, x["x"])
         return lambda: torch.relu(t)
 
     return Case(
-        "relu", f"{n} (tiny call)",
+        "relu", f"{n} (tiny call{', torch.Tensor' if torch_arrays else ''})",
         inputs=lambda rng: {"x": _randn(rng, (n,))},
-        impls={"fastnn": lambda x, torch: lambda: fastnn.relu(x["x"]),
+        impls={"fastnn": fastnn_impl,
                "numpy": lambda x, torch: lambda: np.maximum(x["x"], F32(0)),
                "torch": torch_impl},
         expected=lambda x: reference.relu(x["x"].astype(np.float64)),
-        work=1, unit="call", limit=None, formula="time per call", tol=0.0, notes="allocating")
+        work=1, unit="call", limit=None, formula="time per call", tol=0.0,
+        notes="allocating" + ("; fastnn on torch tensors" if torch_arrays else ""), torch_arrays=torch_arrays)
 
 
 def relu_backward_case(n) -> Case:

@@ -1,4 +1,5 @@
-"""Matrix products: matmul (square, network shapes, batched, float64, a tiny call), linear, linear_backward."""
+"""Matrix products: matmul (square, network shapes, batched, float64, a tiny call on numpy arrays and on torch
+tensors), linear, linear_backward."""
 from __future__ import annotations
 
 import math
@@ -11,9 +12,10 @@ from fastnn import reference
 from ..case import CHEAP_CHECK_FLOPS, F32, Case, _f64, _max_error, _np, _randn, _tensor, rel_error
 
 
-def matmul_case(m, k, n, batch=None, dtype=F32, only="", alloc=False) -> Case:
+def matmul_case(m, k, n, batch=None, dtype=F32, only="", alloc=False, torch_arrays=False) -> Case:
     """(B,) M x K @ K x N. All implementations write into a preallocated out=, or with `alloc` (the
-    tiny-call rows: what a user writes, `a @ b`) all allocate their result."""
+    tiny-call rows: what a user writes, `a @ b`) all allocate their result; `torch_arrays` (with
+    `alloc`) calls fastnn on torch tensors."""
     lead = (batch,) if batch else ()
     out_shape = lead + (m, n)
     work = 2.0 * (batch or 1) * m * n * k
@@ -28,7 +30,8 @@ def matmul_case(m, k, n, batch=None, dtype=F32, only="", alloc=False) -> Case:
 
     def fastnn_impl(x, torch):
         if alloc:
-            return lambda: fastnn.matmul(x["a"], x["b"])
+            a, b = (_tensor(torch, x["a"]), _tensor(torch, x["b"])) if torch_arrays else (x["a"], x["b"])
+            return lambda: fastnn.matmul(a, b)
         c = np.empty(out_shape, dtype)
         return lambda: fastnn.matmul(x["a"], x["b"], out=c)
 
@@ -58,11 +61,12 @@ def matmul_case(m, k, n, batch=None, dtype=F32, only="", alloc=False) -> Case:
     notes = ("allocating" if alloc else "out= preallocated") + ("; checked as C@t vs A@(B@t)" if cheap else "")
     if alloc:
         return Case(
-            "matmul", label + " (tiny call)",
+            "matmul", label + (" (tiny call, torch.Tensor)" if torch_arrays else " (tiny call)"),
             inputs=lambda rng: {"a": _randn(rng, lead + (m, k), dtype), "b": _randn(rng, lead + (k, n), dtype)},
             impls={"fastnn": fastnn_impl, "numpy": numpy_impl, "torch": torch_impl},
             expected=expected, error=error, work=1, unit="call", limit=None,
-            formula="time per call", notes=notes, only=only)
+            formula="time per call", notes=notes + ("; fastnn on torch tensors" if torch_arrays else ""),
+            only=only, torch_arrays=torch_arrays)
     return Case(
         "matmul", label,
         inputs=lambda rng: {"a": _randn(rng, lead + (m, k), dtype), "b": _randn(rng, lead + (k, n), dtype)},
