@@ -65,8 +65,7 @@ def attention_backward(xp, matmul, grad_output, query, key, value, output, lse, 
     mfull = xp.broadcast_to(mask, batch + (L, S)) if mask is not None else None
     heads = [()] if not batch else [tuple(int(t) for t in np.unravel_index(h, batch)) for h in range(nb)]
     d = (g * o).sum(axis=-1)[..., None]          # rowsum(dO * O): the softmax backward's dot per query
-    # = rowsum(dP * P); where it is infinite (an inf in dO) that rowsum is NaN (as in the CPU kernel).
-    d = xp.where(xp.isfinite(d), d, f32(math.nan))
+    # = rowsum(dP * P) where finite; where not, the chunks below take that rowsum as written (as the CPU kernel)
     # Chunks of whole heads while a head's L x S scores fit max_bytes, else one head and blocks of query rows.
     per_head = xp.dtype(f32).itemsize * L * S
     hstep, rstep = (max(1, max_bytes // per_head), L) if per_head <= max_bytes else \
@@ -93,7 +92,9 @@ def attention_backward(xp, matmul, grad_output, query, key, value, output, lse, 
                              f32(dropout.keep_scale), f32(0))
                 dv[c] += matmul((p * z).swapaxes(-1, -2), gr)
                 dp = dp * z
-            ds = p * (dp - d[c, r])
+            dr = d[c, r]
+            dr = xp.where(xp.isfinite(dr), dr, (dp * p).sum(axis=-1, keepdims=True))
+            ds = p * (dp - dr)
             dq[c, r] = matmul(ds, k[c]) * f32(scale)
             dk[c] += matmul(ds.swapaxes(-1, -2), qr) * f32(scale)
     return dq.reshape(batch + (L, E)), dk.reshape(batch + (S, E)), dv.reshape(batch + (S, Ev))

@@ -318,6 +318,37 @@ template <typename T> struct SdpaBackwardWorkspace {
         d(std::max<int64_t>(L, 1)) {}
 };
 
+// D_i = rowsum(dP * P) computed as written (the oracle's and PyTorch's math path) over every key of query row i,
+// for a row whose dO_i . O_i is not finite: there the two differ (dO_i . O_i is +-inf where an infinite value
+// makes the row's sum +-inf, and NaN or an infinity of either sign where an infinite dO_i does). Scalar code
+// for rare rows; s and z are scratch for one strip of Bc keys (z: the Z tile, whole rows of lanes).
+template <typename T>
+T exact_row_d(const SdpaBackwardArgs<T>& a, int64_t b, int64_t i, const T* Q, const T* K, const T* V, const T* dOi,
+              T l, T* s, int32_t* z) {
+  constexpr int64_t Bc = kBc<T>;
+  const T* qi = Q + i * a.q_rs;
+  T d = 0;
+  for (int64_t k0 = 0; k0 < a.S; k0 += Bc) {
+    const int64_t bc = std::min(Bc, a.S - k0);
+    for (int64_t j = 0; j < bc; ++j) {
+      const T* kj = K + (k0 + j) * a.k_rs;
+      T acc = 0;
+      for (int64_t e = 0; e < a.E; ++e) acc += qi[e] * kj[e];
+      s[j] = acc * a.scale;
+    }
+    mask_scores<T>(a, b, i, 1, k0, bc, s, Bc, int64_t(1));
+    if (a.dropout) dropout_keep_rows(a, b, i, 1, k0, bc, z, Bc);
+    for (int64_t j = 0; j < bc; ++j) {
+      const T* vj = V + (k0 + j) * a.v_rs;
+      T dp = 0;
+      for (int64_t c = 0; c < a.Ev; ++c) dp += dOi[c] * vj[c];
+      if (a.dropout) dp *= z[j] ? T(a.keep_scale) : T(0);  // a product, as the tiles: inf * 0 is NaN there too
+      d += std::exp(s[j] - l) * dp;
+    }
+  }
+  return d;
+}
+
 template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int64_t b, SdpaBackwardWorkspace<T>& ws) {
   constexpr int64_t Bc = kBc<T>, W = kLanes<T>;
   const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev;
@@ -350,10 +381,9 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
   for (int64_t i = 0; i < L; ++i) {
     T acc = 0;
     for (int64_t c = 0; c < Ev; ++c) acc += dO[i * Ev + c] * Of[i * Ev + c];
-    // D_i = dO_i . O_i equals rowsum(dP * P) (PyTorch's math path and the oracle); an infinite dO_i makes
-    // every dP_ij infinite too, and that rowsum NaN: NaN here, so that dS_ij = P (dP_ij - D_i) is NaN for
-    // every j as there (inf - inf would leave +-inf at the j whose dP_ij has the other sign).
-    D[i] = std::isfinite(acc) ? acc : std::numeric_limits<T>::quiet_NaN();
+    // D_i = dO_i . O_i equals rowsum(dP * P) (PyTorch's math path and the oracle) where it is finite; where it
+    // is not, the rowsum is taken as written (a row with no allowed key has no gradient: D is unused there).
+    D[i] = std::isfinite(acc) || lse[i] == ninf ? acc : exact_row_d(a, b, i, Q, K, V, dO + i * Ev, lse[i], P, Z);
   }
   std::fill(dQ, dQ + L * E, T(0));
   for (int64_t k0 = 0; k0 < S; k0 += Bc) {
