@@ -65,7 +65,8 @@ def attention_backward(xp, matmul, grad_output, query, key, value, output, lse, 
     mfull = xp.broadcast_to(mask, batch + (L, S)) if mask is not None else None
     heads = [()] if not batch else [tuple(int(t) for t in np.unravel_index(h, batch)) for h in range(nb)]
     d = (g * o).sum(axis=-1)[..., None]          # rowsum(dO * O): the softmax backward's dot per query
-    # = rowsum(dP * P) where finite; where not, the chunks below take that rowsum as written (as the CPU kernel)
+    # = rowsum(dP * P) where finite; where not, the chunks below take that rowsum as written (as the CPU kernel;
+    # computed for every chunk, a row sum beside the chunk's products, so that no host wait is needed)
     # Chunks of whole heads while a head's L x S scores fit max_bytes, else one head and blocks of query rows.
     per_head = xp.dtype(f32).itemsize * L * S
     hstep, rstep = (max(1, max_bytes // per_head), L) if per_head <= max_bytes else \

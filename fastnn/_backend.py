@@ -74,6 +74,12 @@ class Cpu:
         """The dtype of attention's per-row log-sum-exp for inputs of `dtype`: theirs on the CPU."""
         return dtype
 
+    @staticmethod
+    def causal_may_skip(arrays) -> bool:
+        """Whether causal attention may skip the keys above the diagonal for these operands: always on the
+        CPU, whose kernels check the rows a skipped block would involve (csrc/cpu/sdpa.cpp rows_finite)."""
+        return True
+
     def wrap(self, r):
         """A result in the caller's array type."""
         if self.family is None:
@@ -179,8 +185,9 @@ class Family:
                 return original
         return self.back(r)
 
-    def stream(self):
-        """The CUDA stream (a raw pointer) the caller's library computes on; None: cupy's current stream."""
+    def stream(self, device: int):
+        """The CUDA stream (a raw pointer) the caller's library computes on for device `device` (an index);
+        None: cupy's current stream."""
         return None
 
 
@@ -210,8 +217,8 @@ class _TorchCuda(Family):
     def back(self, a):
         return _lib("torch").from_dlpack(a)
 
-    def stream(self):
-        return _lib("torch").cuda.current_stream().cuda_stream
+    def stream(self, device: int):
+        return _lib("torch").cuda.current_stream(device).cuda_stream  # the arrays' device, not torch's current one
 
 
 class _Cupy(Family):

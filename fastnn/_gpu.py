@@ -144,7 +144,7 @@ class Cuda:
     def scope(self):
         """Allocations land on the arrays' device; cupy's current stream is the caller's one."""
         with self.cp.cuda.Device(self.device):
-            ptr = None if self.family is None else self.family.stream()
+            ptr = None if self.family is None else self.family.stream(self.device)
             if ptr is None:
                 yield
             else:
@@ -174,6 +174,18 @@ class Cuda:
     def moment_dtype(dtype):
         """Adam's moments are float32 on the GPU, also for float16 params (float16 moments underflow)."""
         return np.dtype(np.float32)
+
+    def causal_may_skip(self, arrays) -> bool:
+        """Whether causal attention may skip the keys above the diagonal for these operands (called inside
+        scope()): when every element is finite, from one sum per operand (non-finite whenever an element is; a
+        sum that only overflows answers False, which costs speed, not correctness). The answer waits for the
+        device. While the stream is being captured into a CUDA graph no wait is allowed: the kernels then skip
+        those keys without looking (a NaN or inf there does not reach the result, unlike PyTorch's)."""
+        cp = self.cp
+        if cp.cuda.get_current_stream().is_capturing():
+            return True
+        sums = [cp.sum(a, dtype=cp.float32) for a in arrays]
+        return bool(cp.isfinite(cp.stack(sums)).all())
 
     @staticmethod
     def lse_dtype(dtype):

@@ -691,22 +691,15 @@ def _attention(op, arrays, attn_mask, is_causal, scale, enable_gqa, *extra):
     return bk, at, rest
 
 
-def _causal_nonfinite(bk, at, *arrays) -> None:
-    """Writes the causal mask out when an operand holds a non-finite element."""
-    if at.causal and at.L and at.S > 1 and not all(_all_finite(bk, x) for x in (*at.operands, *arrays)):
-        # The causal kernels skip the keys above the diagonal without reading them, but PyTorch and the oracle
-        # add -inf to those scores (NaN where a score is NaN or +inf), multiply their zero probabilities by the
-        # values (NaN where a value is NaN or inf) and, in the backward, by dP - D (NaN wherever grad_output,
-        # output or lse is). So a call with a non-finite element in any float operand runs with the causal mask
-        # written out (every key read; rare inputs, O(L * S) bytes for the mask).
+def _causal_nonfinite(bk, at) -> None:
+    """Writes the causal mask out when the backend's causal forward kernel may not skip the keys above the
+    diagonal. It skips them without reading them, but PyTorch and the oracle add -inf to those scores (NaN where
+    a score is NaN or +inf) and multiply their zero probabilities by the values (NaN where a value is NaN or
+    inf). The CPU kernels check the rows a skipped block involves themselves (forward and backward); the GPU's
+    forward gets the mask written out (every key read; O(L * S) bytes) when an operand holds a non-finite
+    element. Call inside bk.scope()."""
+    if at.causal and at.L and at.S > 1 and not bk.causal_may_skip(at.operands):
         at.attn_mask, at.causal = bk.xp.tri(at.L, at.S, dtype=bool), False
-
-
-def _all_finite(bk, x) -> bool:
-    """Whether every element of x is finite, from one sum (non-finite whenever an element is; a sum that only
-    overflows answers False, which costs the caller speed, not correctness). float64 sums for float64, float32
-    for the others (a float16 sum would overflow at 65504)."""
-    return bool(bk.xp.isfinite(bk.xp.sum(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -740,8 +733,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            enable_gqa)
     if drop is not None:
         check_dropout_sizes(at.nbatch, at.L, at.S)
-    _causal_nonfinite(bk, at)
     with bk.scope():
+        _causal_nonfinite(bk, at)
         out = bk.xp.empty(at.batch + (at.L, at.Ev), at.dtype)
         lse = bk.xp.empty(at.batch + (at.L,), bk.lse_dtype(at.dtype)) if return_lse else None
         if not at.empty() and (out.size or lse is not None):  # Ev == 0 still has an lse
@@ -787,8 +780,7 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
         raise ValueError(f"output: expected shape {oshape} (the forward's output), got {o.shape}")
     if lse.shape != at.batch + (at.L,):
         raise ValueError(f"lse: expected shape {at.batch + (at.L,)}, got {lse.shape}")
-    _causal_nonfinite(bk, at, g, o, lse)
-    with bk.scope():
+    with bk.scope():  # (no _causal_nonfinite: the GPU's composed backward reads every key; the CPU's checks)
         dq, dk, dv = bk.sdpa_backward(at.plan(), g, o, lse, matmul, drop)
         return bk.wrap((at.reduce_to(dq, at.q_shape, False), at.reduce_to(dk, at.k_shape, True),
                         at.reduce_to(dv, at.v_shape, True)))

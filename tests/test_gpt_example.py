@@ -102,3 +102,18 @@ def test_bench_measures_and_reports(monkeypatch):
     rows = [dict(impl="torch", threads=1, **res), dict(impl="fastnn", threads=1, error="fastnn.torch unavailable")]
     text = _gpt_bench.report(rows)
     assert "1.00x" in text and "fastnn.torch unavailable" in text
+
+
+def test_bench_profile_parts(monkeypatch):
+    """`python -m fastnn.bench.gpt --profile`: both implementations profiled on a tiny model, fastnn's kernels
+    counted in their parts."""
+    from fastnn.bench import gpt as _gpt_bench
+    for key, value in dict(n_layer=1, d_model=24, n_head=2, block_size=16, batch_size=2).items():
+        monkeypatch.setitem(_gpt_bench.CONFIG, key, value)
+    results = {impl: _gpt_bench.profile(impl, 1, steps=1, warmup=1) for impl in ("torch", "fastnn")}
+    for impl, r in results.items():
+        assert "error" not in r, r
+        assert r["parts"]["matmul / linear"] > 0 and r["parts"]["attention"] > 0, (impl, r["parts"])
+    assert any(name.startswith("fastnn.") for name, _ in results["fastnn"]["top"])
+    text = _gpt_bench.profile_report(results, 1)
+    assert "matmul / linear" in text and "fastnn ms" in text

@@ -15,12 +15,14 @@ VALUES = [np.nan, np.inf, -np.inf]
 # GEMM's row tiles), 1030 rows for the row ops (more than one thread's grain at 69 columns).
 
 
-def positions(shape):
-    """Indices in a vector body, in the last vector's tail and on the last row / column (a tile edge)."""
+def positions(shape, last=False):
+    """Indices in a vector body, in the last vector's tail and on the last row / column (a tile edge); with
+    `last`, also the very last element (for causal attention: a key above the diagonal of the first query
+    block, in a block the kernels would skip)."""
     body = tuple(min(3, n - 1) for n in shape)
     tail = tuple(min(3, n - 1) for n in shape[:-1]) + (shape[-1] - 1,)
     edge = (shape[0] - 1,) + tuple(min(5, n - 1) for n in shape[1:])
-    return {"body": body, "tail": tail, "edge": edge}
+    return {"body": body, "tail": tail, "edge": edge, **({"last": tuple(n - 1 for n in shape)} if last else {})}
 
 
 def _softmax_backward_oracle(g, y, log):
@@ -92,14 +94,15 @@ OPS = {
     "attention_backward": ([(2, 2, 37, 20), (2, 2, 37, 24), (2, 2, 69, 24), (2, 2, 69, 20)], _sdpa_backward,
                            lambda do, q, k, v: ref.scaled_dot_product_attention_backward(do, q, k, v, None, None),
                            93),
-    # causal: the non-finite key or value also lands above the diagonal (key 3 or 5 is masked for rows 0-2 or
-    # 0-4), where PyTorch's additive mask still gives NaN: the kernels' skipped blocks must agree.
-    "attention_causal": ([(2, 2, 37, 24), (2, 2, 69, 24), (2, 2, 69, 20)], _sdpa_causal,
-                         lambda q, k, v: (ref.scaled_dot_product_attention(q, k, v, is_causal=True),), 93),
-    "attention_causal_backward": ([(2, 2, 37, 20), (2, 2, 37, 24), (2, 2, 69, 24), (2, 2, 69, 20)],
+    # causal, 150 queries and keys (several query and key blocks on every path): the non-finite key or value
+    # also lands above the diagonal (key 3 or 5 is masked for rows 0-2 or 0-4; the last key, 149, for every
+    # query of the first block, which the kernels would skip), where PyTorch's additive mask still gives NaN.
+    "attention_causal": ([(1, 2, 150, 24), (1, 2, 150, 24), (1, 2, 150, 20)], _sdpa_causal,
+                         lambda q, k, v: (ref.scaled_dot_product_attention(q, k, v, is_causal=True),), 150),
+    "attention_causal_backward": ([(1, 2, 150, 20), (1, 2, 150, 24), (1, 2, 150, 24), (1, 2, 150, 20)],
                                   _sdpa_causal_backward,
                                   lambda do, q, k, v: ref.scaled_dot_product_attention_backward(
-                                      do, q, k, v, None, None, is_causal=True), 93),
+                                      do, q, k, v, None, None, is_causal=True), 150),
 }
 # linear_backward's reference takes (grad_output, x, weight) with x (rows, in), weight (in, out).
 OPS["linear_backward"] = ([(37, 41), (37, 69), (69, 41)], _linear_backward,
@@ -118,7 +121,7 @@ def check_op(name, rng, dtype, to_device=None, from_device=None):
     shapes, run, oracle, k = OPS[name]
     y_kind = {"softmax_backward": "plain", "log_softmax_backward": "log"}.get(name)
     for which in range(len(shapes)):
-        for where, idx in positions(shapes[which]).items():
+        for where, idx in positions(shapes[which], last=name.startswith("attention_causal")).items():
             for value in VALUES:
                 arrays = _inputs(rng, shapes, dtype, y_kind)
                 arrays[which][idx] = value

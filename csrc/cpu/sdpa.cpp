@@ -113,6 +113,35 @@ template <typename T> void pack_scaled_q(const SdpaArgs<T>& a, const T* Q, int64
   for (int64_t i = 0; i < n; ++i) Qp[i] *= a.scale;
 }
 
+// Whether rows [r0, r1) of an n-column matrix (row stride rs, unit column stride) hold only finite values.
+// The causal kernels skip the blocks of keys above the diagonal; PyTorch's attention and the oracle do not
+// (a masked score gets -inf added, NaN where the score is NaN or +inf; a zero probability times a NaN or inf
+// value is NaN). So a block is skipped only when the rows it would involve are finite: one read of those rows,
+// small beside the block's products, and nothing for the rows a block does not skip.
+template <typename T> bool rows_finite(const T* x, int64_t rs, int64_t n, int64_t r0, int64_t r1) {
+  constexpr int64_t W = kLanes<T>;
+  using V = Vec<T>;
+  const V zero = vset<T>(T(0));
+  IVec<T> bad{};
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * rs;
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      const V z = vload(row + c) * zero;  // 0 * x: 0 for a finite x, NaN for NaN and +-inf
+      bad |= z != z;
+    }
+    if (c < n) {
+      const V z = vload_part(row + c, n - c, T(0)) * zero;
+      bad |= z != z;
+    }
+  }
+  T lanes[W];
+  vstore(lanes, bad ? vset<T>(T(1)) : zero);
+  for (int64_t i = 0; i < W; ++i)
+    if (lanes[i] != T(0)) return false;
+  return true;
+}
+
 template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q0, SdpaWorkspace<T>& ws) {
   constexpr int64_t NR = kNR<T>, W = kLanes<T>, ld = kBq;
   using V = Vec<T>;
@@ -140,8 +169,12 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
   std::fill(m, m + kBq, ninf);
   std::fill(l, l + kBq, T(0));
 
-  // Causal: keys past the last query of this block are masked for every query of it.
-  const int64_t s_end = a.causal ? std::min(S, q0 + bq) : S;
+  // Causal: keys past the last query of this block are masked for every query of it: skipped, unless a
+  // non-finite query of the block or key / value past it makes a masked score or product NaN (rows_finite).
+  int64_t s_end = a.causal ? std::min(S, q0 + bq) : S;
+  if (s_end < S && !(rows_finite(Q, a.q_rs, E, 0, bq) && rows_finite(K, a.k_rs, E, s_end, S) &&
+                     rows_finite(Vm, a.v_rs, Ev, s_end, S)))
+    s_end = S;
   for (int64_t k0 = 0; k0 < s_end; k0 += kFc) {
     const int64_t bc = std::min(kFc, s_end - k0);
     // S^T[j][i] = scale * k_j . q_i: whole panels of K rows read in place, a partial last one packed.
@@ -377,6 +410,17 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
   int32_t* Z = static_cast<int32_t*>(ws.z.p);
   const int64_t lde = ws.e_pad, ldev = ws.ev_pad;
   T* D = ws.d.data();
+  // Causal: the query blocks before a key block are skipped unless one of their rows (Q, dO, O, lse) or one of
+  // the block's keys / values is not finite (rows_finite): the first such query row, once per head.
+  int64_t bad_row = L;
+  if (a.causal) {
+    for (int64_t i = 0; i < L && bad_row == L; i += kBq) {
+      const int64_t n = std::min(kBq, L - i);
+      if (!(rows_finite(Q, a.q_rs, E, i, i + n) && rows_finite(dO, Ev, Ev, i, i + n) &&
+            rows_finite(Of, Ev, Ev, i, i + n) && rows_finite(lse, int64_t(1), int64_t(1), i, i + n)))
+        bad_row = i;
+    }
+  }
 
   for (int64_t i = 0; i < L; ++i) {
     T acc = 0;
@@ -394,7 +438,10 @@ template <typename T> void sdpa_backward_head(const SdpaBackwardArgs<T>& a, int6
     std::fill(dKa, dKa + Bc * lde, T(0));
     std::fill(dVa, dVa + Bc * ldev, T(0));
     // Causal: query blocks that end before k0 see none of these keys.
-    const int64_t q_first = a.causal ? (std::min(k0, L) / kBq) * kBq : 0;
+    int64_t q_first = a.causal ? (std::min(k0, L) / kBq) * kBq : 0;
+    if (q_first > 0 && (bad_row < q_first || !(rows_finite(K, a.k_rs, E, k0, k0 + bc) &&
+                                               rows_finite(V, a.v_rs, Ev, k0, k0 + bc))))
+      q_first = 0;
     for (int64_t q0 = q_first; q0 < L; q0 += kBq) {
       const int64_t bq = std::min(kBq, L - q0);
       pack_scaled_q<T>(a, Q + q0 * a.q_rs, bq, Qp);

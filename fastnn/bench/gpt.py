@@ -168,6 +168,12 @@ def _part(name):
     return next((part for part, keys in PARTS if any(k in name for k in keys)), "other")
 
 
+# The fastnn functions fastnn.torch's ops call: timed as named ranges by profile().
+KERNELS = ("linear", "matmul", "relu", "relu_backward", "softmax", "log_softmax", "softmax_backward",
+           "log_softmax_backward", "cross_entropy", "scaled_dot_product_attention",
+           "scaled_dot_product_attention_backward")
+
+
 def profile(impl, threads, steps=2, warmup=1):
     """Self CPU time per part of one training step (torch.profiler; fastnn's kernels timed as ranges named
     after their function): {"parts": {part: seconds per step}, "top": [(operator, seconds per step)]}."""
@@ -177,13 +183,14 @@ def profile(impl, threads, steps=2, warmup=1):
     if isinstance(setup, str):
         return {"error": setup}
     model, opt, x, y, ctx = setup
-    if impl == "fastnn":
-        from fastnn.torch import _ops
-        plain_run = _ops.run
+    import fastnn
+    plain = {name: getattr(fastnn, name) for name in KERNELS} if impl == "fastnn" else {}
 
-        def timed_run(fn, *args, **kwargs):  # each kernel call as a named range
-            with record_function(f"fastnn.{fn.__name__}"):
-                return plain_run(fn, *args, **kwargs)
+    def timed(name, fn):  # a fastnn function whose calls are ranges named after it (fastnn.torch looks them up
+        def call(*args, **kwargs):  # on the module at each call)
+            with record_function(f"fastnn.{name}"):
+                return fn(*args, **kwargs)
+        return call
     plain_step = opt.step
 
     def opt_step(*a, **k):
@@ -193,15 +200,15 @@ def profile(impl, threads, steps=2, warmup=1):
     with ctx():
         for _ in range(warmup):
             _step(model, opt, x, y)
-        if impl == "fastnn":
-            _ops.run = timed_run
+        for name, fn in plain.items():
+            setattr(fastnn, name, timed(name, fn))
         try:
             with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
                     _step(model, opt, x, y)
         finally:
-            if impl == "fastnn":
-                _ops.run = plain_run
+            for name, fn in plain.items():
+                setattr(fastnn, name, fn)
     parts, top = {}, {}
     for ev in prof.events():
         sec = ev.self_cpu_time_total / 1e6 / steps

@@ -275,9 +275,11 @@ _autograd(_cross_entropy, _cross_entropy_grad, _cross_entropy_setup)
 
 
 def _rng_state(seed: Optional[Tensor]):
-    """The kernels' dropout (seed, offset) from the op's seed tensor (int64 in [0, 2**63), drawn from torch's
-    generator by scaled_dot_product_attention); None without dropout."""
-    return None if seed is None else (int(seed.item()), 0)
+    """The kernels' dropout (seed, offset) from the op's seed tensor (an int64 CPU scalar in [0, 2**63), drawn
+    from torch's generator by scaled_dot_product_attention)."""
+    if seed is None:
+        raise ValueError("seed: dropout_p > 0 needs the seed tensor (scaled_dot_product_attention draws it)")
+    return (int(seed.item()), 0)
 
 
 @_op("scaled_dot_product_attention")
@@ -436,9 +438,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     broadcastable to (..., L, S); is_causal aligned top-left as torch; scale default 1/sqrt(E); enable_gqa
     as torch. A query row with no allowed key gives zeros. dropout_p in [0, 1): each attention probability
     is dropped with probability dropout_p inside the kernel and the survivors scaled by 1 / (1 - dropout_p),
-    as torch; the mask's seed is drawn from torch's default CPU generator (so torch.manual_seed makes a run
-    repeatable, on CUDA tensors too) and the backward regenerates the same mask from it. The mask is
-    fastnn's Philox mask (the README's *Attention dropout*), not the one torch's kernels draw."""
+    as torch; the mask's seed is one draw from torch's default CPU generator per call (so torch.manual_seed
+    makes a run repeatable, on CUDA tensors too) and the backward regenerates the same mask from it. The mask
+    is fastnn's Philox mask (the README's *Attention dropout*), not the one torch's kernels draw; under
+    torch.compile with inductor the draw comes from inductor's generator, so compiled and eager masks differ.
+    dropout_p > 0 on CUDA tensors while a CUDA graph is being captured is a RuntimeError."""
     _check("query, key, value", query, key, value)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
@@ -448,8 +452,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if scale is not None:
         scale = float(scale)
     dropout_p = dropout_p_value(dropout_p)
-    # One 63-bit seed per call from torch's generator (a tensor, so torch.compile traces the draw, no .item()).
-    seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
+    seed = None
+    if dropout_p > 0:
+        if query.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("scaled_dot_product_attention: dropout_p > 0 cannot be captured in a CUDA graph "
+                               "(the kernel's seed would be fixed at capture, every replay the same mask)")
+        # One 63-bit seed per call from torch's CPU generator (a tensor: torch.compile traces the draw).
+        seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device="cpu")
     return _call("scaled_dot_product_attention", query, key, value, attn_mask, dropout_p, bool(is_causal), scale,
                  bool(enable_gqa), seed)[0]
 

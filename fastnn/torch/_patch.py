@@ -82,6 +82,8 @@ def _cross_entropy_supported(input, target, weight, size_average, ignore_index, 
 
 
 def _sdpa_supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    if dropout_p and isinstance(query, torch.Tensor) and query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # fastnn's dropout cannot be captured in a CUDA graph (its seed is read on the host)
     if not (type(dropout_p) in (int, float) and 0 <= dropout_p < 1 and type(is_causal) is bool
             and type(enable_gqa) is bool and (scale is None or type(scale) in (int, float)) and _same(query, key, value)):
         return False
