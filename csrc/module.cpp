@@ -226,6 +226,28 @@ bool overlap(const py::array& a, const py::array& b) {
 }
 
 
+// bfloat16 (bf16) / float16 bits <-> float32 between C-contiguous arrays of n elements: `half` is any 2-byte
+// array (the Python layer passes a uint16 view of a bfloat16 or float16 one), `f` a float32 array.
+void half_to_float(const py::array& half, const py::array& f, bool bf16) {
+  const int64_t n = half.size();
+  if (half.itemsize() != 2 || !(half.flags() & py::array::c_style) || !aligned(half))
+    value_error("half: expected a C-contiguous, aligned 2-byte array");
+  float* fp = contig<float>(f, "f", n, true);
+  const uint16_t* hp = static_cast<const uint16_t*>(half.data());
+  py::gil_scoped_release nogil;
+  kernels().half_widen(hp, fp, n, bf16);
+}
+
+void float_to_half(const py::array& f, const py::array& half, bool bf16) {
+  const int64_t n = half.size();
+  if (half.itemsize() != 2 || !(half.flags() & py::array::c_style) || !aligned(half) || !half.writeable())
+    value_error("half: expected a C-contiguous, aligned, writable 2-byte array");
+  const float* fp = contig<float>(f, "f", n);
+  uint16_t* hp = static_cast<uint16_t*>(const_cast<void*>(half.data()));
+  py::gil_scoped_release nogil;
+  kernels().half_narrow(fp, hp, n, bf16);
+}
+
 // ---- fast paths for the common case, with the least per-call overhead ---------------------------
 // Each takes the user's arguments as they are and returns None unless they are plain (numpy arrays of one
 // float dtype, C-contiguous, aligned; out= None or directly writable); the Python layer then takes the
@@ -686,6 +708,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), py::arg("d_out"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("dropout") = py::none());
   m.def("adam", &adam);
+  m.def("half_to_float", &half_to_float);
+  m.def("float_to_half", &float_to_half);
   m.def("adam_multi", &adam_multi);
   m.def("build_info", &build_info);
   m.def("machine_limits", &machine_limits, py::arg("threads"), py::arg("quick") = false);

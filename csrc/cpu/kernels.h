@@ -100,6 +100,10 @@ struct KernelTable {
   const char* isa;
   OpTable<float> f32;
   OpTable<double> f64;
+  // bfloat16 (bf16 = true) or float16 bits <-> float32 over n contiguous elements, threaded; narrowing rounds
+  // to nearest even and keeps NaN NaN. The half-precision ops run the float32 kernels between the two.
+  void (*half_widen)(const uint16_t* src, float* dst, int64_t n, bool bf16);
+  void (*half_narrow)(const float* src, uint16_t* dst, int64_t n, bool bf16);
   // Machine-limit probes (probe.cpp), for the benchmark.
   double (*probe_peak_gflops)(int threads, bool f64);
   double (*probe_bandwidth_gbs)(int pattern, int threads, int64_t bytes, int reps);

@@ -26,6 +26,7 @@ template <typename T> static OpTable<T> make_table() {
 
 const KernelTable& kernel_table() {
   static const KernelTable table{FASTNN_STR(FASTNN_ISA), make_table<float>(), make_table<double>(),
+                                 half_widen, half_narrow,
                                  probe_peak_gflops, probe_bandwidth_gbs};
   return table;
 }

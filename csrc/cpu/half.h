@@ -1,0 +1,58 @@
+// bfloat16 and float16 storage: scalar conversions to and from float32 (round to nearest even, NaN kept
+// NaN), shared by the per-ISA widening kernels (half.cpp). Storage is the raw 16 bits (uint16_t).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace fastnn::cpu::FASTNN_ISA {
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// bfloat16 is the top half of a float32: widening is exact, a shift.
+inline float bf16_to_f32(uint16_t h) { return bits_f32(uint32_t(h) << 16); }
+
+// Round to nearest even on the integer bits: adding 0x7fff plus the lowest kept bit carries into the kept
+// half exactly when the dropped half is above the midpoint (or at it with an odd kept half); a carry out of
+// the mantissa steps the exponent, up to inf. A NaN keeps its sign and top payload, made quiet (a NaN whose
+// payload sits in the low 16 bits alone would otherwise truncate to inf).
+inline uint16_t f32_to_bf16(float f) {
+  const uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// IEEE binary16 <-> float32 in plain integer code (the F16C instructions do the same on avx2/avx512).
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  if (e == 0) return bits_f32(sign | f32_bits(float(m) * 5.9604644775390625e-8f));  // m * 2^-24, exact
+  if (e == 31) return bits_f32(sign | 0x7f800000u | (m << 13));
+  return bits_f32(sign | ((e + 112) << 23) | (m << 13));
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t x = f32_bits(f);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return uint16_t(sign | 0x7e00 | ((x >> 13) & 0x3ff));  // NaN, quiet
+  if (x >= 0x477ff000u) return uint16_t(sign | 0x7c00);  // from 65520 (halfway past the largest) up: inf
+  if (x < 0x38800000u) {
+    // Below 2^-14 the result is subnormal: adding 0.5 (whose ulp is 2^-24, the subnormal step) rounds the
+    // magnitude to nearest even in the float unit; the low bits of the sum are then the result.
+    return uint16_t(sign | (f32_bits(bits_f32(x) + 0.5f) - 0x3f000000u));
+  }
+  // Rebias the exponent (127 -> 15) and round: 0xfff plus the lowest kept bit carries past the dropped 13
+  // bits exactly when rounding to nearest even goes up.
+  x += 0xc8000fffu + ((x >> 13) & 1);
+  return uint16_t(sign | (x >> 13));
+}
+
+}  // namespace fastnn::cpu::FASTNN_ISA
