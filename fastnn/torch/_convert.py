@@ -11,11 +11,19 @@ import numpy as np
 import torch
 
 
+def _numpy(t):
+    t = t.detach() if t.requires_grad else t
+    if t.dtype is torch.bfloat16:  # numpy has no bfloat16 of its own: the bits, viewed as ml_dtypes' one
+        from fastnn._backend import bf16_dtype
+        return t.view(torch.int16).numpy().view(bf16_dtype())
+    return t.numpy()
+
+
 def _cpu(a):
     if isinstance(a, torch.Tensor):
-        return a.detach().numpy() if a.requires_grad else a.numpy()
+        return _numpy(a)
     if type(a) is list and a and isinstance(a[0], torch.Tensor):  # the optimizer's lists of tensors
-        return [x.detach().numpy() if x.requires_grad else x.numpy() for x in a]
+        return [_numpy(x) for x in a]
     return a
 
 
@@ -30,7 +38,11 @@ def _cuda(a):
 
 def _tensor(a, device):
     if type(a) is np.ndarray:
-        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        a = a if a.flags.writeable else a.copy()
+        if a.dtype.kind == "V" and a.dtype.name == "bfloat16":
+            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
     elif hasattr(a, "__cuda_array_interface__"):
         t = torch.as_tensor(a, device=device)
     else:
