@@ -248,6 +248,75 @@ void float_to_half(const py::array& f, const py::array& half, bool bf16) {
   kernels().half_narrow(fp, hp, n, bf16);
 }
 
+// Half-width ops on float16 / bfloat16 arrays, passed as uint16 views of their bits (bf16 says which
+// format): C-contiguous, aligned, of the sizes given.
+void half_relu(const py::array& x, const py::array& out, bool bf16) {
+  const int64_t n = x.size();
+  const uint16_t* xp = contig<uint16_t>(x, "x", n);
+  uint16_t* yp = contig<uint16_t>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  kernels().half_relu(xp, yp, n, bf16);
+}
+
+void half_relu_backward(const py::array& g, const py::array& x, const py::array& out, bool bf16) {
+  const int64_t n = x.size();
+  const uint16_t* gp = contig<uint16_t>(g, "grad_output", n);
+  const uint16_t* xp = contig<uint16_t>(x, "x", n);
+  uint16_t* op = contig<uint16_t>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  kernels().half_relu_backward(gp, xp, op, n, bf16);
+}
+
+void half_softmax(const py::array& x, const py::array& out, int64_t cols, bool log, bool bf16) {
+  const int64_t n = x.size();
+  if (cols <= 0 || n % cols) value_error("softmax: bad row length");
+  const uint16_t* xp = contig<uint16_t>(x, "x", n);
+  uint16_t* yp = contig<uint16_t>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  kernels().half_softmax(xp, yp, n / cols, cols, log, bf16);
+}
+
+void half_softmax_backward(const py::array& g, const py::array& y, const py::array& out, int64_t cols, bool log,
+                           bool bf16) {
+  const int64_t n = y.size();
+  if (cols <= 0 || n % cols) value_error("softmax_backward: bad row length");
+  const uint16_t* gp = contig<uint16_t>(g, "grad_output", n);
+  const uint16_t* yp = contig<uint16_t>(y, "output", n);
+  uint16_t* op = contig<uint16_t>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  kernels().half_softmax_backward(gp, yp, op, n / cols, cols, log, bf16);
+}
+
+// Moments: all float32, or all 16-bit (uint16 views, like param).
+void half_adam(const py::array& param, const py::array& grad, const py::array& exp_avg, const py::array& exp_avg_sq,
+               const py::object& max_exp_avg_sq, double lr, double beta1, double beta2, double eps,
+               double weight_decay, double step_size, double bias_correction2_sqrt, bool decoupled, bool maximize,
+               bool bf16) {
+  AdamHalfArgs a;
+  AdamArgs<float>& h = a.h;
+  h.n = param.size();
+  a.param = contig<uint16_t>(param, "param", h.n, true);
+  a.grad = contig<uint16_t>(grad, "grad", h.n);
+  a.bf16 = bf16;
+  a.half_states = !is_dtype<float>(exp_avg);
+  if (a.half_states) {
+    a.m16 = contig<uint16_t>(exp_avg, "exp_avg", h.n, true);
+    a.v16 = contig<uint16_t>(exp_avg_sq, "exp_avg_sq", h.n, true);
+    if (!max_exp_avg_sq.is_none())
+      a.vmax16 = contig<uint16_t>(max_exp_avg_sq.cast<py::array>(), "max_exp_avg_sq", h.n, true);
+  } else {
+    h.exp_avg = contig<float>(exp_avg, "exp_avg", h.n, true);
+    h.exp_avg_sq = contig<float>(exp_avg_sq, "exp_avg_sq", h.n, true);
+    if (!max_exp_avg_sq.is_none())
+      h.max_exp_avg_sq = contig<float>(max_exp_avg_sq.cast<py::array>(), "max_exp_avg_sq", h.n, true);
+  }
+  h.lr = lr, h.beta1 = beta1, h.beta2 = beta2, h.eps = eps, h.weight_decay = weight_decay;
+  h.step_size = step_size, h.bias_correction2_sqrt = bias_correction2_sqrt;
+  h.decoupled = decoupled, h.maximize = maximize;
+  py::gil_scoped_release nogil;
+  kernels().half_adam(a);
+}
+
 // ---- fast paths for the common case, with the least per-call overhead ---------------------------
 // Each takes the user's arguments as they are and returns None unless they are plain (numpy arrays of one
 // float dtype, C-contiguous, aligned; out= None or directly writable); the Python layer then takes the
@@ -709,6 +778,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dropout") = py::none());
   m.def("adam", &adam);
   m.def("half_to_float", &half_to_float);
+  m.def("half_relu", &half_relu);
+  m.def("half_relu_backward", &half_relu_backward);
+  m.def("half_softmax", &half_softmax);
+  m.def("half_softmax_backward", &half_softmax_backward);
+  m.def("half_adam", &half_adam);
   m.def("float_to_half", &float_to_half);
   m.def("adam_multi", &adam_multi);
   m.def("build_info", &build_info);

@@ -63,6 +63,11 @@ def widen(a):
     return out
 
 
+def _bits(a):
+    """The uint16 view of a C-contiguous float16 / bfloat16 array's bits, flat."""
+    return a.reshape(-1).view(np.uint16)
+
+
 def narrow(f, out) -> None:
     """out (a C-contiguous float16 / bfloat16 array) = the float32 array f rounded to nearest even."""
     if out.size:
@@ -151,36 +156,30 @@ class Cpu:
         return self.family.wrap(r, self.written)
 
     # -- the compiled entries --
+    # float16 / bfloat16 element-wise, softmax and Adam kernels read and write the 16-bit arrays themselves
+    # (uint16 views of their bits) and compute in float32.
     @staticmethod
     def relu(x, y):
         if is_half(x.dtype):
-            x32 = widen(x)
-            _C.relu(x32, x32)
-            return narrow(x32, y)
+            return _C.half_relu(_bits(x), _bits(y), is_bf16(x.dtype))
         _C.relu(x, y)
 
     @staticmethod
     def relu_backward(g, x, y):
         if is_half(x.dtype):
-            g32 = widen(g)
-            _C.relu_backward(g32, widen(x), g32)
-            return narrow(g32, y)
+            return _C.half_relu_backward(_bits(g), _bits(x), _bits(y), is_bf16(x.dtype))
         _C.relu_backward(g, x, y)
 
     @staticmethod
     def softmax(x, y, log: bool):
         if is_half(x.dtype):
-            x32 = widen(x)
-            _C.softmax(x32, x32, x.shape[-1], log)
-            return narrow(x32, y)
+            return _C.half_softmax(_bits(x), _bits(y), x.shape[-1], log, is_bf16(x.dtype))
         _C.softmax(x, y, x.shape[-1], log)
 
     @staticmethod
     def softmax_backward(g, y, out, log: bool):
         if is_half(y.dtype):
-            o32 = np.empty(y.shape, np.float32)
-            _C.softmax_backward(widen(g), widen(y), o32, y.shape[-1], log)
-            return narrow(o32, out)
+            return _C.half_softmax_backward(_bits(g), _bits(y), _bits(out), y.shape[-1], log, is_bf16(y.dtype))
         _C.softmax_backward(g, y, out, y.shape[-1], log)
 
     @staticmethod
@@ -231,15 +230,20 @@ class Cpu:
     @staticmethod
     def adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, decoupled, maximize):
         if is_half(p.dtype):
-            # float32 copies of the half-precision arrays; the moments may be float32 already (used in place)
-            arrs = [x if x is None or x.dtype == np.float32 else (x, widen(x)) for x in (p, m, v, vmax)]
-            p32, m32, v32, vmax32 = (x[1] if isinstance(x, tuple) else x for x in arrs)
-            _C.adam(p32, widen(g), m32, v32, vmax32, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
-                    decoupled, maximize)
-            for x in arrs:
-                if isinstance(x, tuple):
-                    narrow(x[1], x[0])
-            return
+            if m.dtype != v.dtype or (vmax is not None and vmax.dtype != m.dtype):  # mixed moments: rare
+                m32, v32 = (x if x.dtype == np.float32 else widen(x) for x in (m, v))
+                vmax32 = None if vmax is None else vmax if vmax.dtype == np.float32 else widen(vmax)
+                p32 = widen(p)
+                _C.adam(p32, widen(g), m32, v32, vmax32, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
+                        decoupled, maximize)
+                for x, x32 in ((p, p32), (m, m32), (v, v32), (vmax, vmax32)):
+                    if x is not None and x32 is not x:
+                        narrow(x32, x)
+                return
+            if m.dtype != np.float32:
+                m, v, vmax = (None if x is None else _bits(x) for x in (m, v, vmax))
+            return _C.half_adam(_bits(p), _bits(g), m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size,
+                                bc2_sqrt, decoupled, maximize, is_bf16(p.dtype))
         _C.adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, decoupled, maximize)
 
 

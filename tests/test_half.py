@@ -121,6 +121,22 @@ def test_softmax_family(isa, threads, rng, dtype, shape, axis):
     close(fastnn.log_softmax_backward(g, ly, axis), g64 - np.exp(ly64) * g64.sum(axis, keepdims=True), dtype, n)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", [(3, 40_001), (2001, 33)], ids=["long_rows", "many_blocks"])
+def test_softmax_row_blocks(isa, threads, rng, dtype, shape):
+    """Rows longer than a thread's block, and many blocks of rows per thread (the half kernels' workspaces)."""
+    x = half(rng, shape, dtype, scale=3.0)
+    g = half(rng, shape, dtype)
+    close(fastnn.softmax(x), ref.softmax(x), dtype, shape[1])
+    close(fastnn.log_softmax(x), ref.log_softmax(x), dtype, shape[1])
+    y = fastnn.softmax(x)
+    close(fastnn.softmax_backward(g, y), ref.softmax_backward(g, y), dtype, shape[1],
+          scale=softmax_backward_scale(g, y))
+    out = x.copy()
+    assert fastnn.softmax(out, out=out) is out  # in place
+    assert np.array_equal(out, y)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("dtype", HALF)
 def test_softmax_nonfinite_rows(isa, rng, dtype):
@@ -264,6 +280,18 @@ def test_adam_steps_against_the_oracle(isa, threads, rng, dtype, states, kw):
         close(m, rm, np.dtype(sdt))
         close(v, rv, np.dtype(sdt))
         p, m, v, vmax = rp, rm, rv, rvmax  # continue from the oracle's state
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_adam_mixed_moment_dtypes(rng, dtype):
+    p, g = half(rng, (1001,), dtype), half(rng, (1001,), dtype)
+    m, v = half(rng, (1001,), np.float32) * 0.1, np.abs(half(rng, (1001,), dtype))
+    rp, rm, rv = p.copy(), m.copy(), v.copy()
+    fastnn.adam_update(p, g, m, v, step=3, lr=1e-2)
+    ref.adam_update(rp, g, rm, rv, step=3, lr=1e-2)
+    close(p, rp, dtype)
+    close(m, rm, np.dtype(np.float32))
+    close(v, rv, dtype)
 
 
 def test_adam_bf16_params_float32_states_against_torch(threads):
