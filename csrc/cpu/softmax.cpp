@@ -226,15 +226,21 @@ template <typename T> void softmax_backward(const T* g, const T* y, T* out, int6
 // float32 workspace (L2-sized), runs the float32 row code there and rounds the results into the output, so
 // the arrays are read and written at half width and every sum is a float32 one. Workspaces are allocated
 // before the parallel call (bad_alloc reaches Python as MemoryError).
+static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 template <typename F> static void half_row_blocks(int64_t rows, int64_t cols, int nbuf, F f) {
   const int64_t block = row_grain(cols), blocks = (rows + block - 1) / block;
   const int64_t nt = std::min<int64_t>(num_threads(), blocks);
-  std::vector<float> ws(static_cast<size_t>(nt * nbuf * block * cols));
+  // Buffers start on 64-byte boundaries: a vector load that splits a cache line costs (measured: 4096 x 1024
+  // bfloat16 took 1.5x the float32 time from a 16-byte aligned workspace).
+  const int64_t stride = round_up(block * cols, 16);
+  std::unique_ptr<float[]> ws(new float[static_cast<size_t>(nt * nbuf * stride + 16)]);
+  float* base = ws.get() + (16 - int64_t(reinterpret_cast<uintptr_t>(ws.get()) % 64) / 4) % 16;
   parallel_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
-    float* buf = ws.data() + thread_index() * nbuf * block * cols;
+    float* buf = base + thread_index() * nbuf * stride;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t rb = b * block;
-      f(rb, std::min(rows, rb + block), buf, block * cols);
+      f(rb, std::min(rows, rb + block), buf, stride);
     }
   });
 }
