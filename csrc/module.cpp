@@ -206,6 +206,41 @@ void gemm(const py::array& a, const py::array& b, const py::array& out, const Of
   });
 }
 
+// gemm with float16 / bfloat16 a and b (any 2-byte arrays: the Python layer passes uint16 views; bf16 says
+// which format), widened while packing; out (and bias) float32, rounded by the caller.
+void gemm_half(const py::array& a, const py::array& b, const py::array& out, const Offsets& a_off,
+               const Offsets& b_off, int64_t M, int64_t N, int64_t K, int64_t a_rs, int64_t a_cs, int64_t b_rs,
+               int64_t b_cs, const py::object& bias, bool relu, bool bf16) {
+  if (a.itemsize() != 2 || b.itemsize() != 2) throw py::type_error("gemm_half: a and b must be 2-byte arrays");
+  const int64_t batch = a_off.size();
+  if (M < 0 || N < 0 || K < 0) value_error("gemm: negative size");
+  GemmArgs<float> g;
+  g.M = M, g.N = N, g.K = K, g.batch = batch;
+  g.a_rs = a_rs, g.a_cs = a_cs, g.b_rs = b_rs, g.b_cs = b_cs;
+  g.a_off = offsets(a_off, batch, "a_off");
+  g.b_off = offsets(b_off, batch, "b_off");
+  g.C = contig<float>(out, "out", batch * M * N, true);
+  g.ldc = N, g.c_bs = M * N;
+  if (batch > 0 && M > 0 && N > 0 && K > 0) {
+    auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t cs, int64_t r, int64_t c,
+                    const char* name) {
+      int64_t omin = INT64_MAX, omax = INT64_MIN;
+      for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
+      const int64_t e1 = (r - 1) * rs, e2 = (c - 1) * cs;
+      check_span(arr, name, omin + std::min<int64_t>(e1, 0) + std::min<int64_t>(e2, 0),
+                 omax + std::max<int64_t>(e1, 0) + std::max<int64_t>(e2, 0), 2);
+    };
+    span(a, g.a_off, a_rs, a_cs, M, K, "a");
+    span(b, g.b_off, b_rs, b_cs, K, N, "b");
+  }
+  if (!bias.is_none()) g.bias = contig<float>(bias.cast<py::array>(), "bias", N);
+  g.relu = relu;
+  const uint16_t* ap = static_cast<const uint16_t*>(a.data());
+  const uint16_t* bp = static_cast<const uint16_t*>(b.data());
+  py::gil_scoped_release nogil;
+  kernels().half_gemm(g, ap, bp, bf16);
+}
+
 // Fast path for the most common call, a 2-D float product with no out=: shapes and strides are read here,
 // the result allocated here. Returns None whenever anything is unusual (the Python layer then takes the
 // general path, which also produces the error messages).
@@ -783,6 +818,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("half_softmax", &half_softmax);
   m.def("half_softmax_backward", &half_softmax_backward);
   m.def("half_adam", &half_adam);
+  m.def("gemm_half", &gemm_half);
   m.def("float_to_half", &float_to_half);
   m.def("adam_multi", &adam_multi);
   m.def("build_info", &build_info);

@@ -201,6 +201,12 @@ class Cpu:
         _C.gemm(a, b, buf, a_off, b_off, M, N, K, ea[-2], ea[-1], eb[-2], eb[-1], bias, relu, False)
 
     @staticmethod
+    def gemm_half(a, b, c32, a_off, b_off, M, N, K, ea, eb, bias32, relu):
+        """c32 (float32) = a @ b for float16 / bfloat16 a, b of any strides, widened while packing."""
+        _C.gemm_half(a.view(np.uint16), b.view(np.uint16), c32, a_off, b_off, M, N, K, ea[-2], ea[-1], eb[-2],
+                     eb[-1], bias32, relu, is_bf16(a.dtype))
+
+    @staticmethod
     def sdpa(at, out, lse, drop):
         if is_half(out.dtype):  # the plan widened q, k, v and a float mask; lse is float32
             o32 = np.empty(out.shape, np.float32)

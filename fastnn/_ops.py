@@ -212,9 +212,15 @@ def _broadcast_batch(shapes, names) -> Tuple[int, ...]:
 def _gemm(bk, a, b, buf, batch_shape, bias=None, relu=False) -> None:
     """buf[batch] = a[batch] @ b[batch] (+ bias, relu) with a (..., M, K), b (..., K, N) of any strides."""
     if bk.half(a.dtype):
-        # float16 / bfloat16 on the CPU: float32 operands, the float32 kernel, the result rounded into buf
+        # float16 / bfloat16 on the CPU: a and b read in place and widened while packing, float32 products
+        # into a float32 buffer, rounded into buf
         c = bk.xp.empty(buf.shape, np.float32)
-        _gemm(bk, bk.widen(a), bk.widen(b), c, batch_shape, None if bias is None else bk.widen(bias), relu)
+        a, ea = _elem_strides(bk, a)
+        b, eb = _elem_strides(bk, b)
+        a_off = bk.offsets(_batch_offsets(a, ea, 2, batch_shape))
+        b_off = bk.offsets(_batch_offsets(b, eb, 2, batch_shape))
+        bk.gemm_half(a, b, c, a_off, b_off, a.shape[-2], b.shape[-1], a.shape[-1], ea, eb,
+                     None if bias is None else bk.widen(bias), relu)
         bk.narrow(c, buf)
         return
     a, ea = _elem_strides(bk, a)

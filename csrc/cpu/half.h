@@ -57,6 +57,21 @@ inline uint16_t f32_to_f16(float f) {
   return uint16_t(sign | (x >> 13));
 }
 
+// The 16-bit storage types as distinct C++ types, so packing code can be templated on the element it reads;
+// widen1 gives the float32 value of one element (the identity for float and double).
+struct Bf16 { uint16_t bits; };
+struct F16 { uint16_t bits; };
+inline float widen1(float x) { return x; }
+inline double widen1(double x) { return x; }
+inline float widen1(Bf16 x) { return bf16_to_f32(x.bits); }
+inline float widen1(F16 x) {
+#if defined(FASTNN_ISA_avx512) || defined(FASTNN_ISA_avx2)
+  return _cvtsh_ss(x.bits);
+#else
+  return f16_to_f32(x.bits);
+#endif
+}
+
 // d[i] = s[i] widened / rounded, for i in [b, e).
 inline void widen_range(const uint16_t* FASTNN_RESTRICT s, float* FASTNN_RESTRICT d, int64_t b, int64_t e, bool bf16) {
   int64_t i = b;

@@ -121,6 +121,9 @@ struct KernelTable {
   void (*half_softmax_backward)(const uint16_t* g, const uint16_t* y, uint16_t* out, int64_t rows, int64_t cols,
                                 bool log, bool bf16);
   void (*half_adam)(const AdamHalfArgs& args);
+  // C = A @ B (+ bias, relu) as GemmArgs<float> says, but A and B (args.A / args.B unused) are 16-bit arrays
+  // with args' strides and offsets, widened to float32 while the panels are packed; C and bias are float32.
+  void (*half_gemm)(const GemmArgs<float>& args, const uint16_t* A, const uint16_t* B, bool bf16);
   // Machine-limit probes (probe.cpp), for the benchmark.
   double (*probe_peak_gflops)(int threads, bool f64);
   double (*probe_bandwidth_gbs)(int pattern, int threads, int64_t bytes, int reps);

@@ -28,6 +28,7 @@ void softmax_half(const uint16_t* x, uint16_t* y, int64_t rows, int64_t cols, bo
 void softmax_backward_half(const uint16_t* g, const uint16_t* y, uint16_t* out, int64_t rows, int64_t cols, bool log,
                            bool bf16);
 void adam_half(const AdamHalfArgs& args);
+void gemm_half(const GemmArgs<float>& args, const uint16_t* A, const uint16_t* B, bool bf16);
 
 double probe_peak_gflops(int threads, bool f64);
 double probe_bandwidth_gbs(int pattern, int threads, int64_t bytes, int reps);
