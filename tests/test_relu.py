@@ -4,7 +4,7 @@ import pytest
 
 import fastnn
 from fastnn import reference as ref
-from conftest import DTYPES, LAYOUTS, Unchanged, assert_close, f64, make_array, poisoned
+from conftest import DTYPES, LAYOUTS, Unchanged, f64, make_array, poisoned
 
 SHAPES = [(0,), (1,), (7,), (15,), (16,), (17,), (31,), (32,), (33,), (63,), (64,), (65,), (127,),
           (1000,), (100003,), (3, 0, 2), (13, 31), (2, 3, 61), (257, 255)]
