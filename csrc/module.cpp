@@ -206,6 +206,41 @@ void gemm(const py::array& a, const py::array& b, const py::array& out, const Of
   });
 }
 
+// gemm with float16 / bfloat16 a and b (any 2-byte arrays: the Python layer passes uint16 views; bf16 says
+// which format), widened while packing; out (and bias) float32, rounded by the caller.
+void gemm_half(const py::array& a, const py::array& b, const py::array& out, const Offsets& a_off,
+               const Offsets& b_off, int64_t M, int64_t N, int64_t K, int64_t a_rs, int64_t a_cs, int64_t b_rs,
+               int64_t b_cs, const py::object& bias, bool relu, bool bf16) {
+  if (a.itemsize() != 2 || b.itemsize() != 2) throw py::type_error("gemm_half: a and b must be 2-byte arrays");
+  const int64_t batch = a_off.size();
+  if (M < 0 || N < 0 || K < 0) value_error("gemm: negative size");
+  GemmArgs<float> g;
+  g.M = M, g.N = N, g.K = K, g.batch = batch;
+  g.a_rs = a_rs, g.a_cs = a_cs, g.b_rs = b_rs, g.b_cs = b_cs;
+  g.a_off = offsets(a_off, batch, "a_off");
+  g.b_off = offsets(b_off, batch, "b_off");
+  g.C = contig<float>(out, "out", batch * M * N, true);
+  g.ldc = N, g.c_bs = M * N;
+  if (batch > 0 && M > 0 && N > 0 && K > 0) {
+    auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t cs, int64_t r, int64_t c,
+                    const char* name) {
+      int64_t omin = INT64_MAX, omax = INT64_MIN;
+      for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
+      const int64_t e1 = (r - 1) * rs, e2 = (c - 1) * cs;
+      check_span(arr, name, omin + std::min<int64_t>(e1, 0) + std::min<int64_t>(e2, 0),
+                 omax + std::max<int64_t>(e1, 0) + std::max<int64_t>(e2, 0), 2);
+    };
+    span(a, g.a_off, a_rs, a_cs, M, K, "a");
+    span(b, g.b_off, b_rs, b_cs, K, N, "b");
+  }
+  if (!bias.is_none()) g.bias = contig<float>(bias.cast<py::array>(), "bias", N);
+  g.relu = relu;
+  const uint16_t* ap = static_cast<const uint16_t*>(a.data());
+  const uint16_t* bp = static_cast<const uint16_t*>(b.data());
+  py::gil_scoped_release nogil;
+  kernels().half_gemm(g, ap, bp, bf16);
+}
+
 // Fast path for the most common call, a 2-D float product with no out=: shapes and strides are read here,
 // the result allocated here. Returns None whenever anything is unusual (the Python layer then takes the
 // general path, which also produces the error messages).
@@ -225,6 +260,97 @@ bool overlap(const py::array& a, const py::array& b) {
   return x.first < y.second && y.first < x.second;
 }
 
+
+// bfloat16 (bf16) / float16 bits <-> float32 between C-contiguous arrays of n elements: `half` is any 2-byte
+// array (the Python layer passes a uint16 view of a bfloat16 or float16 one), `f` a float32 array.
+void half_to_float(const py::array& half, const py::array& f, bool bf16) {
+  const int64_t n = half.size();
+  if (half.itemsize() != 2 || !(half.flags() & py::array::c_style) || !aligned(half))
+    value_error("half: expected a C-contiguous, aligned 2-byte array");
+  float* fp = contig<float>(f, "f", n, true);
+  const uint16_t* hp = static_cast<const uint16_t*>(half.data());
+  py::gil_scoped_release nogil;
+  kernels().half_widen(hp, fp, n, bf16);
+}
+
+void float_to_half(const py::array& f, const py::array& half, bool bf16) {
+  const int64_t n = half.size();
+  if (half.itemsize() != 2 || !(half.flags() & py::array::c_style) || !aligned(half) || !half.writeable())
+    value_error("half: expected a C-contiguous, aligned, writable 2-byte array");
+  const float* fp = contig<float>(f, "f", n);
+  uint16_t* hp = static_cast<uint16_t*>(const_cast<void*>(half.data()));
+  py::gil_scoped_release nogil;
+  kernels().half_narrow(fp, hp, n, bf16);
+}
+
+// Half-width ops on float16 / bfloat16 arrays, passed as uint16 views of their bits (bf16 says which
+// format): C-contiguous, aligned, of the sizes given.
+void half_relu(const py::array& x, const py::array& out, bool bf16) {
+  const int64_t n = x.size();
+  const uint16_t* xp = contig<uint16_t>(x, "x", n);
+  uint16_t* yp = contig<uint16_t>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  kernels().half_relu(xp, yp, n, bf16);
+}
+
+void half_relu_backward(const py::array& g, const py::array& x, const py::array& out, bool bf16) {
+  const int64_t n = x.size();
+  const uint16_t* gp = contig<uint16_t>(g, "grad_output", n);
+  const uint16_t* xp = contig<uint16_t>(x, "x", n);
+  uint16_t* op = contig<uint16_t>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  kernels().half_relu_backward(gp, xp, op, n, bf16);
+}
+
+void half_softmax(const py::array& x, const py::array& out, int64_t cols, bool log, bool bf16) {
+  const int64_t n = x.size();
+  if (cols <= 0 || n % cols) value_error("softmax: bad row length");
+  const uint16_t* xp = contig<uint16_t>(x, "x", n);
+  uint16_t* yp = contig<uint16_t>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  kernels().half_softmax(xp, yp, n / cols, cols, log, bf16);
+}
+
+void half_softmax_backward(const py::array& g, const py::array& y, const py::array& out, int64_t cols, bool log,
+                           bool bf16) {
+  const int64_t n = y.size();
+  if (cols <= 0 || n % cols) value_error("softmax_backward: bad row length");
+  const uint16_t* gp = contig<uint16_t>(g, "grad_output", n);
+  const uint16_t* yp = contig<uint16_t>(y, "output", n);
+  uint16_t* op = contig<uint16_t>(out, "out", n, true);
+  py::gil_scoped_release nogil;
+  kernels().half_softmax_backward(gp, yp, op, n / cols, cols, log, bf16);
+}
+
+// Moments: all float32, or all 16-bit (uint16 views, like param).
+void half_adam(const py::array& param, const py::array& grad, const py::array& exp_avg, const py::array& exp_avg_sq,
+               const py::object& max_exp_avg_sq, double lr, double beta1, double beta2, double eps,
+               double weight_decay, double step_size, double bias_correction2_sqrt, bool decoupled, bool maximize,
+               bool bf16) {
+  AdamHalfArgs a;
+  AdamArgs<float>& h = a.h;
+  h.n = param.size();
+  a.param = contig<uint16_t>(param, "param", h.n, true);
+  a.grad = contig<uint16_t>(grad, "grad", h.n);
+  a.bf16 = bf16;
+  a.half_states = !is_dtype<float>(exp_avg);
+  if (a.half_states) {
+    a.m16 = contig<uint16_t>(exp_avg, "exp_avg", h.n, true);
+    a.v16 = contig<uint16_t>(exp_avg_sq, "exp_avg_sq", h.n, true);
+    if (!max_exp_avg_sq.is_none())
+      a.vmax16 = contig<uint16_t>(max_exp_avg_sq.cast<py::array>(), "max_exp_avg_sq", h.n, true);
+  } else {
+    h.exp_avg = contig<float>(exp_avg, "exp_avg", h.n, true);
+    h.exp_avg_sq = contig<float>(exp_avg_sq, "exp_avg_sq", h.n, true);
+    if (!max_exp_avg_sq.is_none())
+      h.max_exp_avg_sq = contig<float>(max_exp_avg_sq.cast<py::array>(), "max_exp_avg_sq", h.n, true);
+  }
+  h.lr = lr, h.beta1 = beta1, h.beta2 = beta2, h.eps = eps, h.weight_decay = weight_decay;
+  h.step_size = step_size, h.bias_correction2_sqrt = bias_correction2_sqrt;
+  h.decoupled = decoupled, h.maximize = maximize;
+  py::gil_scoped_release nogil;
+  kernels().half_adam(a);
+}
 
 // ---- fast paths for the common case, with the least per-call overhead ---------------------------
 // Each takes the user's arguments as they are and returns None unless they are plain (numpy arrays of one
@@ -686,6 +812,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), py::arg("d_out"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("dropout") = py::none());
   m.def("adam", &adam);
+  m.def("half_to_float", &half_to_float);
+  m.def("half_relu", &half_relu);
+  m.def("half_relu_backward", &half_relu_backward);
+  m.def("half_softmax", &half_softmax);
+  m.def("half_softmax_backward", &half_softmax_backward);
+  m.def("half_adam", &half_adam);
+  m.def("gemm_half", &gemm_half);
+  m.def("float_to_half", &float_to_half);
   m.def("adam_multi", &adam_multi);
   m.def("build_info", &build_info);
   m.def("machine_limits", &machine_limits, py::arg("threads"), py::arg("quick") = false);

@@ -25,6 +25,66 @@ ACCEPTED = ("numpy.ndarray, torch.Tensor, jax.Array, cupy.ndarray, or any array 
 _NULL = contextlib.nullcontext()
 
 
+# ---- half precision on the CPU ------------------------------------------------------------------------
+
+_F16 = np.dtype(np.float16)
+# The largest finite value of each half dtype (np.finfo does not know ml_dtypes' bfloat16).
+HALF_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
+def is_bf16(dtype) -> bool:
+    """ml_dtypes.bfloat16, recognized by its name: ml_dtypes is imported only where such an array arrives."""
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def is_half(dtype) -> bool:
+    """float16 or bfloat16: the dtypes the CPU stores in 16 bits and computes on in float32."""
+    return dtype == _F16 or is_bf16(dtype)
+
+
+class _CpuFloats:
+    """The CPU's float dtypes: float32, float64, float16 and bfloat16 (by name, without importing ml_dtypes)."""
+
+    _full = (np.dtype(np.float32), np.dtype(np.float64))
+
+    def __contains__(self, dtype) -> bool:
+        return dtype in self._full or is_half(dtype)
+
+
+def widen(a):
+    """A float32 copy (C-contiguous) of the float16 / bfloat16 array `a`: the compiled conversion."""
+    if not (a.flags.c_contiguous and a.flags.aligned):
+        a = np.ascontiguousarray(a)
+        if not a.flags.aligned:
+            a = a.copy()
+    out = np.empty(a.shape, np.float32)
+    if a.size:
+        _C.half_to_float(a.reshape(-1).view(np.uint16), out.reshape(-1), is_bf16(a.dtype))
+    return out
+
+
+def _bits(a):
+    """The uint16 view of a C-contiguous float16 / bfloat16 array's bits, flat."""
+    return a.reshape(-1).view(np.uint16)
+
+
+def narrow(f, out) -> None:
+    """out (a C-contiguous float16 / bfloat16 array) = the float32 array f rounded to nearest even."""
+    if out.size:
+        _C.float_to_half(np.ascontiguousarray(f, np.float32).reshape(-1), out.reshape(-1).view(np.uint16),
+                         is_bf16(out.dtype))
+
+
+def bf16_dtype():
+    """numpy's bfloat16 dtype (ml_dtypes.bfloat16), imported on first use."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes): it provides "
+                        "numpy's bfloat16 dtype") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 # ---- the CPU backend ---------------------------------------------------------------------------------
 
 class Cpu:
@@ -33,8 +93,8 @@ class Cpu:
     arguments back to the caller's objects (so relu(x, out=y) returns y itself)."""
 
     xp = np
-    float_dtypes = (np.dtype(np.float32), np.dtype(np.float64))
-    dtype_names = "float32 or float64"
+    float_dtypes = _CpuFloats()
+    dtype_names = "float32, float64, float16 or bfloat16"
     kind = "CPU"  # the compute device, as messages name it
 
     def __init__(self, family=None):
@@ -66,13 +126,26 @@ class Cpu:
 
     @staticmethod
     def moment_dtype(dtype):
-        """The dtype of Adam's moments for parameters of `dtype`: the parameters' own on the CPU."""
-        return dtype
+        """The dtype of Adam's moments for parameters of `dtype`: the parameters' own on the CPU, float32 for
+        float16 / bfloat16 parameters (mixed precision; half-precision moments are accepted too)."""
+        return np.dtype(np.float32) if is_half(dtype) else dtype
+
+    @staticmethod
+    def moment_dtypes(dtype):
+        """The moment dtypes accepted for parameters of `dtype`."""
+        return (np.dtype(np.float32), dtype) if is_half(dtype) else (dtype,)
 
     @staticmethod
     def lse_dtype(dtype):
-        """The dtype of attention's per-row log-sum-exp for inputs of `dtype`: theirs on the CPU."""
-        return dtype
+        """The dtype of attention's per-row log-sum-exp for inputs of `dtype`: theirs on the CPU, float32 for
+        float16 / bfloat16 (a half-precision lse would shift whole probability rows in the backward)."""
+        return np.dtype(np.float32) if is_half(dtype) else dtype
+
+    # float16 / bfloat16 operands are widened to float32 (is_half / widen), the float32 kernels run, and
+    # the results are rounded back to nearest even (narrow): every sum and dot product in float32.
+    half = staticmethod(is_half)
+    widen = staticmethod(widen)
+    narrow = staticmethod(narrow)
 
     @staticmethod
     def causal_may_skip(arrays) -> bool:
@@ -89,26 +162,44 @@ class Cpu:
         return self.family.wrap(r, self.written)
 
     # -- the compiled entries --
+    # float16 / bfloat16 element-wise, softmax and Adam kernels read and write the 16-bit arrays themselves
+    # (uint16 views of their bits) and compute in float32.
     @staticmethod
     def relu(x, y):
+        if is_half(x.dtype):
+            return _C.half_relu(_bits(x), _bits(y), is_bf16(x.dtype))
         _C.relu(x, y)
 
     @staticmethod
     def relu_backward(g, x, y):
+        if is_half(x.dtype):
+            return _C.half_relu_backward(_bits(g), _bits(x), _bits(y), is_bf16(x.dtype))
         _C.relu_backward(g, x, y)
 
     @staticmethod
     def softmax(x, y, log: bool):
+        if is_half(x.dtype):
+            return _C.half_softmax(_bits(x), _bits(y), x.shape[-1], log, is_bf16(x.dtype))
         _C.softmax(x, y, x.shape[-1], log)
 
     @staticmethod
     def softmax_backward(g, y, out, log: bool):
+        if is_half(y.dtype):
+            return _C.half_softmax_backward(_bits(g), _bits(y), _bits(out), y.shape[-1], log, is_bf16(y.dtype))
         _C.softmax_backward(g, y, out, y.shape[-1], log)
 
     @staticmethod
     def cross_entropy(logits, labels, grad, scale, ignore_index, rows) -> float:
         """Writes grad = (softmax - onehot) * scale (zero rows where the label is ignore_index) and, when
         `rows` is an array, the per-row losses into it; returns the summed loss."""
+        if is_half(logits.dtype):
+            g32 = np.empty(grad.shape, np.float32)
+            r32 = None if rows is None else np.zeros(rows.shape, np.float32)
+            loss = _C.cross_entropy(widen(logits), labels, g32, logits.shape[1], scale, ignore_index, r32)
+            narrow(g32, grad)
+            if rows is not None:
+                narrow(r32, rows)
+            return loss
         return _C.cross_entropy(logits, labels, grad, logits.shape[1], scale, ignore_index, rows)
 
     @staticmethod
@@ -116,18 +207,31 @@ class Cpu:
         _C.gemm(a, b, buf, a_off, b_off, M, N, K, ea[-2], ea[-1], eb[-2], eb[-1], bias, relu, False)
 
     @staticmethod
+    def gemm_half(a, b, c32, a_off, b_off, M, N, K, ea, eb, bias32, relu):
+        """c32 (float32) = a @ b for float16 / bfloat16 a, b of any strides, widened while packing."""
+        _C.gemm_half(a.view(np.uint16), b.view(np.uint16), c32, a_off, b_off, M, N, K, ea[-2], ea[-1], eb[-2],
+                     eb[-1], bias32, relu, is_bf16(a.dtype))
+
+    @staticmethod
     def sdpa(at, out, lse, drop):
+        if is_half(out.dtype):  # the plan widened q, k, v and a float mask; lse is float32
+            o32 = np.empty(out.shape, np.float32)
+            _C.sdpa(at.q, at.k, at.v, o32, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
+                    at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale, lse, drop)
+            return narrow(o32, out)
         _C.sdpa(at.q, at.k, at.v, out, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
                 at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale, lse, drop)
 
     def sdpa_backward(self, at, g, o, lse, matmul, drop):
         """Per-head (dq, dk, dv), batch + core shapes, from the fused flash-style kernel."""
         nb = at.nbatch
-        dq = np.zeros(at.batch + (at.L, at.E), at.dtype)
-        dk = np.zeros(at.batch + (at.S, at.E), at.dtype)
-        dv = np.zeros(at.batch + (at.S, at.Ev), at.dtype)
+        # float16 / bfloat16: float32 gradients (at.reduce_to sums heads in float32, then rounds)
+        dt = np.float32 if is_half(at.dtype) else at.dtype
+        dq = np.zeros(at.batch + (at.L, at.E), dt)
+        dk = np.zeros(at.batch + (at.S, at.E), dt)
+        dv = np.zeros(at.batch + (at.S, at.Ev), dt)
         if not at.empty() and at.S:
-            c = contiguous
+            c = (lambda bk, a: widen(a) if is_half(a.dtype) else contiguous(bk, a)) if dt != at.dtype else contiguous
             _C.sdpa_backward(at.q, at.k, at.v, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
                              at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,
                              c(self, g).reshape(nb, at.L, at.Ev), c(self, o).reshape(nb, at.L, at.Ev),
@@ -137,6 +241,21 @@ class Cpu:
 
     @staticmethod
     def adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, decoupled, maximize):
+        if is_half(p.dtype):
+            if m.dtype != v.dtype or (vmax is not None and vmax.dtype != m.dtype):  # mixed moments: rare
+                m32, v32 = (x if x.dtype == np.float32 else widen(x) for x in (m, v))
+                vmax32 = None if vmax is None else vmax if vmax.dtype == np.float32 else widen(vmax)
+                p32 = widen(p)
+                _C.adam(p32, widen(g), m32, v32, vmax32, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
+                        decoupled, maximize)
+                for x, x32 in ((p, p32), (m, m32), (v, v32), (vmax, vmax32)):
+                    if x is not None and x32 is not x:
+                        narrow(x32, x)
+                return
+            if m.dtype != np.float32:
+                m, v, vmax = (None if x is None else _bits(x) for x in (m, v, vmax))
+            return _C.half_adam(_bits(p), _bits(g), m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size,
+                                bc2_sqrt, decoupled, maximize, is_bf16(p.dtype))
         _C.adam(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, decoupled, maximize)
 
 
@@ -204,9 +323,15 @@ class _TorchCpu(Family):
     # Tensor.numpy() and torch.from_numpy are the fastest zero-copy routes (about 1 us each; np.from_dlpack
     # takes 3). detach(): autograd belongs to the PyTorch integration, here a tensor is read as data.
     def native(self, x):
-        return (x.detach() if x.requires_grad else x).numpy()
+        x = x.detach() if x.requires_grad else x
+        if x.dtype is _lib("torch").bfloat16:  # numpy has no bfloat16: the bits, viewed as ml_dtypes' one
+            return x.view(_lib("torch").int16).numpy().view(bf16_dtype())
+        return x.numpy()
 
     def back(self, a):
+        if is_bf16(a.dtype):
+            torch = _lib("torch")
+            return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
         return _from_numpy(a)
 
 
@@ -240,7 +365,14 @@ class _DLPack(Family):
         self.module, self.readonly = module, readonly
 
     def native(self, x):
-        return _lib("cupy").from_dlpack(x) if self.gpu else np.from_dlpack(x)
+        if self.gpu:
+            return _lib("cupy").from_dlpack(x)
+        try:
+            return np.from_dlpack(x)
+        except (RuntimeError, BufferError, TypeError):
+            if self.module == "jax" and getattr(x.dtype, "name", "") == "bfloat16":
+                return np.asarray(x)  # DLPack has no numpy bfloat16; JAX's __array__ is an ml_dtypes view
+            raise
 
     def back(self, a):
         lib = _lib(self.module)
@@ -249,6 +381,8 @@ class _DLPack(Family):
             from_dlpack = _lib("jax.numpy").from_dlpack
         if from_dlpack is None:
             return a
+        if is_bf16(a.dtype) and self.module == "jax":
+            return _lib("jax.numpy").asarray(a)  # numpy cannot export bfloat16 through DLPack
         return from_dlpack(a if a.flags.c_contiguous else a.copy())
 
 

@@ -171,6 +171,16 @@ class Cuda:
         return self.cp.asarray(np.ascontiguousarray(offs, dtype=np.int64))
 
     @staticmethod
+    def half(dtype) -> bool:
+        """Whether a dtype is computed on widened float32 copies: never on the GPU (float16 runs natively)."""
+        return False
+
+    @staticmethod
+    def moment_dtypes(dtype):
+        """The moment dtypes accepted for parameters of `dtype`: float32."""
+        return (np.dtype(np.float32),)
+
+    @staticmethod
     def moment_dtype(dtype):
         """Adam's moments are float32 on the GPU, also for float16 params (float16 moments underflow)."""
         return np.dtype(np.float32)

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _C, _backend
 from ._attention_grad import reduce_grad
-from ._backend import adopt, contiguous, torch_view
+from ._backend import HALF_MAX, adopt, contiguous, is_bf16, torch_view
 from ._dropout import backward_dropout, check_dropout_sizes, forward_dropout
 
 _ndarray = np.ndarray
@@ -38,6 +38,11 @@ def _floats(bk, x, name: str):
     if x.dtype not in bk.float_dtypes:
         raise TypeError(f"{name}: expected a {bk.dtype_names} array, got dtype {x.dtype}")
     return x
+
+
+def _largest(dtype) -> float:
+    """The largest finite value of a float dtype (np.finfo does not know bfloat16)."""
+    return HALF_MAX["bfloat16"] if is_bf16(dtype) else float(np.finfo(dtype).max)
 
 
 def _same_dtype(ref, ref_name: str, x, name: str) -> None:
@@ -206,6 +211,18 @@ def _broadcast_batch(shapes, names) -> Tuple[int, ...]:
 
 def _gemm(bk, a, b, buf, batch_shape, bias=None, relu=False) -> None:
     """buf[batch] = a[batch] @ b[batch] (+ bias, relu) with a (..., M, K), b (..., K, N) of any strides."""
+    if bk.half(a.dtype):
+        # float16 / bfloat16 on the CPU: a and b read in place and widened while packing, float32 products
+        # into a float32 buffer, rounded into buf
+        c = bk.xp.empty(buf.shape, np.float32)
+        a, ea = _elem_strides(bk, a)
+        b, eb = _elem_strides(bk, b)
+        a_off = bk.offsets(_batch_offsets(a, ea, 2, batch_shape))
+        b_off = bk.offsets(_batch_offsets(b, eb, 2, batch_shape))
+        bk.gemm_half(a, b, c, a_off, b_off, a.shape[-2], b.shape[-1], a.shape[-1], ea, eb,
+                     None if bias is None else bk.widen(bias), relu)
+        bk.narrow(c, buf)
+        return
     a, ea = _elem_strides(bk, a)
     b, eb = _elem_strides(bk, b)
     M, K = a.shape[-2:]
@@ -218,7 +235,8 @@ def _gemm(bk, a, b, buf, batch_shape, bias=None, relu=False) -> None:
 def matmul(a, b, *, out=None):
     """Matrix product with numpy.matmul's semantics.
 
-    a: (..., M, K) or (K,); b: (..., K, N) or (K,); float32 or float64 (float16 too on the GPU), one dtype.
+    a: (..., M, K) or (K,); b: (..., K, N) or (K,); float32, float64, float16 or bfloat16 (float32/float16 on the
+    GPU), one dtype.
     1-D operands are promoted to matrices and the added dimension removed from the result; batch dimensions
     broadcast. Any strides (transposed, negative, Fortran-ordered views) are read directly, without copies.
     out: optional array of the result's shape and dtype, written in place and returned.
@@ -345,7 +363,7 @@ def linear_backward(grad_output, x, weight, *, bias=True, x_grad=True):
         g2 = g.reshape(rows, n_out)
         grad_x = matmul(g2, weight.T).reshape(x.shape) if x_grad else None  # (rows, out) @ (out, in)
         grad_w = matmul(x2.T, g2)  # (in, rows) @ (rows, out); rows == 0 gives zeros
-        acc = np.float32 if x.dtype == np.float16 else x.dtype
+        acc = np.float32 if x.dtype.itemsize == 2 else x.dtype  # float16 / bfloat16 sums in float32
         grad_b = g2.sum(axis=0, dtype=acc).astype(x.dtype, copy=False) if bias else None
         return bk.wrap((grad_x, grad_w, grad_b))
 
@@ -355,7 +373,7 @@ def linear_backward(grad_output, x, weight, *, bias=True, x_grad=True):
 def relu(x, *, out=None):
     """max(x, 0) element-wise; NaN stays NaN (as np.maximum).
 
-    x: any shape, float32 or float64 (float16 too on the GPU). out: optional array of x's shape and dtype;
+    x: any shape, float32, float64, float16 or bfloat16 (float32/float16 on the GPU). out: optional array of x's shape and dtype;
     may be x itself (in place). Returns the result (out when given).
     """
     if type(x) is _ndarray:
@@ -446,7 +464,7 @@ def _softmax(x, axis, out, log: bool, name: str):
 def softmax(x, axis=-1, *, out=None):
     """exp(x) / sum(exp(x)) along `axis`, computed safely for large magnitudes (max subtracted).
 
-    x: float32/float64 (float16 too on the GPU), at least 1-D; axis: int (default -1); out: optional array
+    x: float32/float64/float16/bfloat16 (float32/float16 on the GPU), at least 1-D; axis: int (default -1); out: optional array
     like x (may be x). A row containing +inf or NaN gives NaN, as the NumPy formula does.
     """
     if type(x) is _ndarray:
@@ -523,7 +541,7 @@ def cross_entropy(logits, labels, *, reduction="mean", ignore_index=-100):
     """Negative log-likelihood of softmax(logits) at the labels, and its gradient, in one fused pass
     (torch.nn.functional.cross_entropy's reduction and ignore_index).
 
-    logits: (N, C) float32/float64 (float16 too on the GPU); labels: (N,) int32 or int64 with values in
+    logits: (N, C) float32/float64/float16/bfloat16 (float32/float16 on the GPU); labels: (N,) int32 or int64 with values in
     [0, C) or equal to ignore_index (default -100; those rows get zero loss and zero gradient and do not
     count). reduction: "mean" (default: the mean over the rows not ignored; NaN when there are none),
     "sum", or "none" (the per-row losses).
@@ -613,7 +631,7 @@ class _Attention:
             scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
         else:
             scale = _real(scale, "scale")
-            if not abs(scale) <= float(np.finfo(q.dtype).max):  # NaN, inf or overflowing the dtype
+            if not abs(scale) <= _largest(q.dtype):  # NaN, inf or overflowing the dtype
                 raise ValueError(f"scale: expected a finite number representable in {q.dtype}, got {scale}")
         group = None
         qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
@@ -650,6 +668,10 @@ class _Attention:
         """Kernel layouts: unit stride in the last dim, non-negative strides (copied only if needed), and
         each operand's element offsets over the broadcast batch (allocates: call inside bk.scope())."""
         bk, q, k, v = self.bk, *self.operands
+        if bk.half(self.dtype):  # float16 / bfloat16 on the CPU: the float32 kernels on widened copies
+            q, k, v = bk.widen(q), bk.widen(k), bk.widen(v)
+            if self.attn_mask is not None and self.attn_mask.dtype == self.dtype:
+                self.attn_mask = bk.widen(self.attn_mask)
         q, k, v = _rows_unit(bk, q), _rows_unit(bk, k), _rows_unit(bk, v)
         self.q, self.k, self.v = q, k, v
         eq, ek, ev = (tuple(s // a.itemsize for s in a.strides) for a in (q, k, v))
@@ -707,7 +729,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """softmax(query @ key^T * scale + mask) @ value, with PyTorch's semantics, flash-style.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev); leading dimensions
-    broadcast as in matmul (2-D inputs allowed). float32/float64 (float16 too on the GPU), one dtype.
+    broadcast as in matmul (2-D inputs allowed). float32/float64/float16/bfloat16 (float32/float16 on the
+    GPU), one dtype.
     attn_mask: bool (True = may attend) or a float array of the same dtype added to the scores,
     broadcastable to (..., L, S). is_causal: query i may attend key j iff j <= i, i.e.
     tril(ones(L, S)) aligned at the top-left (flash-attn aligns bottom-right when L != S).
@@ -832,7 +855,8 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, b
     """One fused, in-place Adam step with torch.optim.Adam's arithmetic.
 
     param, exp_avg, exp_avg_sq (and max_exp_avg_sq for AMSGrad) are updated in place: they must be
-    C-contiguous, writable, of one shape, and distinct; float32/float64, one dtype (on the GPU: param
+    C-contiguous, writable, of one shape, and distinct; float32/float64, one dtype; float16/bfloat16 params
+    and grads with float32 moments (mixed precision) or moments of the params' dtype (on the GPU: param
     float32 or float16 and the moments always float32, as float16 moments would underflow). grad: param's
     shape and dtype, any layout. step: the step number, counting from 1 (bias corrections use it).
     decoupled_weight_decay=True gives AdamW; maximize ascends. Returns None (does not synchronize).
@@ -849,15 +873,18 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, b
     if g.shape != p.shape:
         raise ValueError(f"grad: shape {g.shape} does not match param's shape {p.shape}")
     states = [("param", p)]
-    want = bk.moment_dtype(p.dtype)
+    allowed = bk.moment_dtypes(p.dtype)
     for x, name in ((m, "exp_avg"), (v, "exp_avg_sq"), (vmax, "max_exp_avg_sq")):
         if x is None:
             continue
         _floats(bk, x, name)
-        if want != p.dtype and x.dtype != want:
-            raise TypeError(f"{name}: expected a {want} array (the moments are {want} on the {bk.kind}), got "
-                            f"dtype {x.dtype}")
-        if want == p.dtype:
+        if len(allowed) == 1 and allowed[0] != p.dtype and x.dtype != allowed[0]:
+            raise TypeError(f"{name}: expected a {allowed[0]} array (the moments are {allowed[0]} on the "
+                            f"{bk.kind}), got dtype {x.dtype}")
+        if len(allowed) > 1 and x.dtype not in allowed:
+            raise TypeError(f"{name}: expected a {' or '.join(map(str, allowed))} array (the moments of "
+                            f"{p.dtype} parameters), got dtype {x.dtype}")
+        if allowed == (p.dtype,):
             _same_dtype(p, "param", x, name)
         if x.shape != p.shape:
             raise ValueError(f"{name}: shape {x.shape} does not match param's shape {p.shape}")

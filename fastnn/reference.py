@@ -3,7 +3,11 @@
 Same signatures as the public API, written for clarity rather than speed.
 Each function computes in the dtype of its inputs; the tests pass float64
 copies so the oracle is more accurate than the kernel under test.
+float16 and bfloat16 (ml_dtypes) inputs are computed in float64 from their
+(already rounded) values and the results rounded to the input dtype, as
+fastnn returns them (attention's lse stays float32, as fastnn's does).
 """
+import functools
 import math
 
 import numpy as np
@@ -15,6 +19,44 @@ __all__ = [
     "softmax_backward", "cross_entropy", "scaled_dot_product_attention",
     "adam_update", "linear_backward", "scaled_dot_product_attention_backward",
 ]
+
+
+def _is_half(x) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype.itemsize == 2 and x.dtype.name in ("float16", "bfloat16")
+
+
+def _half_in_float64(fn):
+    """fn computed in float64 when an argument is a float16 / bfloat16 array; array results rounded back to
+    that dtype (float32 lse results kept float32), in-place updates written back rounded to each array's dtype."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        half = next((x.dtype for x in (*args, *kwargs.values()) if _is_half(x)), None)
+        if half is None:
+            return fn(*args, **kwargs)
+        written = []
+
+        def up(x):
+            if isinstance(x, np.ndarray) and (_is_half(x) or x.dtype == np.float32):
+                y = x.astype(np.float64)
+                written.append((x, y))
+                return y
+            return x
+
+        res = fn(*(up(x) for x in args), **{k: up(v) for k, v in kwargs.items()})
+        for orig, new in written:  # in-place ops (adam_update) write back; the others leave new == orig
+            if orig.flags.writeable and not np.array_equal(orig.astype(np.float64), new, equal_nan=True):
+                orig[...] = new.astype(orig.dtype)
+
+        def down(r, i):
+            if isinstance(r, np.ndarray) and r.dtype == np.float64:
+                lse = fn.__name__ == "scaled_dot_product_attention" and i == 1
+                return r.astype(np.float32 if lse else half)
+            return r
+
+        if isinstance(res, tuple):
+            return tuple(down(r, i) for i, r in enumerate(res))
+        return down(res, 0)
+    return wrapper
 
 
 def matmul(a, b):
@@ -268,3 +310,7 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
         dk = dk.reshape(k.shape[:-2] + (rep,) + k.shape[-2:]).sum(axis=-3)
         dv = dv.reshape(v.shape[:-2] + (rep,) + v.shape[-2:]).sum(axis=-3)
     return dq, dk, dv
+
+
+for _name in __all__:
+    globals()[_name] = _half_in_float64(globals()[_name])

@@ -336,8 +336,10 @@ def test_inputs_unchanged():
 
 def test_errors():
     x = rand(4, 6)
+    with pytest.raises(TypeError, match="int32"):
+        ft.relu(x.int())
     with pytest.raises(TypeError, match="bfloat16"):
-        ft.relu(x.bfloat16())
+        ft.linear(x.bfloat16(), x.double())
     with pytest.raises(TypeError, match="weight"):
         ft.linear(x, x.float())
     with pytest.raises(TypeError, match="input"):

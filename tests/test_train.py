@@ -84,7 +84,7 @@ def test_linear_backward_errors():
     x, w, g = np.ones((4, 3), np.float32), np.ones((3, 2), np.float32), np.ones((4, 2), np.float32)
     with pytest.raises(TypeError, match="grad_output"):
         fastnn.linear_backward([[1.0]], x, w)
-    with pytest.raises(TypeError, match="x: expected a float32 or float64"):
+    with pytest.raises(TypeError, match="x: expected a float32, float64, float16 or bfloat16"):
         fastnn.linear_backward(g, x.astype(np.int32), w)
     with pytest.raises(TypeError, match="weight: dtype float64"):
         fastnn.linear_backward(g, x, w.astype(np.float64))
@@ -317,7 +317,7 @@ def test_adam_constructor_errors():
     p = np.zeros((3, 4), np.float32)
     with pytest.raises(TypeError, match="params: expected a list"):
         fastnn.Adam(p)
-    with pytest.raises(TypeError, match=r"params\[1\]: expected a float32 or float64"):
+    with pytest.raises(TypeError, match=r"params\[1\]: expected a float32, float64, float16 or bfloat16"):
         fastnn.Adam([p, np.zeros(3, np.int64)])
     with pytest.raises(TypeError, match=r"params\[0\]: expected an array \(numpy.ndarray, torch.Tensor"):
         fastnn.Adam([[1.0, 2.0]])

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/half.h"
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
@@ -101,6 +102,43 @@ template <typename T> void adam_multi(const AdamArgs<T>* args, int64_t count) {
       adam_chunk(args[t], b, std::min(args[t].n, b + kAdamGrain));
     }
   });
+}
+
+// float16 / bfloat16 parameters (and moments when half_states): blocks of kHalfBlock elements are widened
+// into float32 buffers on the stack, stepped by the float32 loop above (float32 moments are used in place)
+// and rounded back, so the arrays move at half width and the arithmetic is the float32 step's.
+constexpr int64_t kHalfBlock = 512;
+
+static void adam_half_range(const AdamHalfArgs& a, int64_t b, int64_t e) {
+  alignas(64) float p[kHalfBlock], g[kHalfBlock], m[kHalfBlock], v[kHalfBlock], vm[kHalfBlock];
+  const bool ams = a.half_states ? a.vmax16 != nullptr : a.h.max_exp_avg_sq != nullptr;
+  for (int64_t i = b; i < e; i += kHalfBlock) {
+    const int64_t n = std::min(kHalfBlock, e - i);
+    AdamArgs<float> f = a.h;
+    widen_range(a.param + i, p, 0, n, a.bf16);
+    widen_range(a.grad + i, g, 0, n, a.bf16);
+    f.param = p, f.grad = g;
+    if (a.half_states) {
+      widen_range(a.m16 + i, m, 0, n, a.bf16);
+      widen_range(a.v16 + i, v, 0, n, a.bf16);
+      if (ams) widen_range(a.vmax16 + i, vm, 0, n, a.bf16);
+      f.exp_avg = m, f.exp_avg_sq = v, f.max_exp_avg_sq = ams ? vm : nullptr;
+    } else {
+      f.exp_avg = a.h.exp_avg + i, f.exp_avg_sq = a.h.exp_avg_sq + i;
+      f.max_exp_avg_sq = ams ? a.h.max_exp_avg_sq + i : nullptr;
+    }
+    adam_dispatch(f, 0, n);
+    narrow_range(p, a.param + i, 0, n, a.bf16);
+    if (a.half_states) {
+      narrow_range(m, a.m16 + i, 0, n, a.bf16);
+      narrow_range(v, a.v16 + i, 0, n, a.bf16);
+      if (ams) narrow_range(vm, a.vmax16 + i, 0, n, a.bf16);
+    }
+  }
+}
+
+void adam_half(const AdamHalfArgs& a) {
+  parallel_for(a.h.n, kAdamGrain, [&](int64_t b, int64_t e) { adam_half_range(a, b, e); });
 }
 
 template void adam<float>(const AdamArgs<float>&);

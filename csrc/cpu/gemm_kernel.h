@@ -6,6 +6,9 @@
 #include <cstdint>
 #include <new>
 
+#include <type_traits>
+
+#include "cpu/half.h"
 #include "cpu/simd.h"
 
 namespace fastnn::cpu::FASTNN_ISA {
@@ -40,17 +43,18 @@ struct AlignedBuffer {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Ap: panels of kMR rows; element (r, k) of a panel at [k * kMR + r]. Rows past M are zero.
-template <typename T>
-inline void pack_a_panel(const T* A, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, T* dst) {
+// Ap: panels of kMR rows; element (r, k) of a panel at [k * kMR + r]. Rows past M are zero. S, the element
+// read, may be a 16-bit storage type (Bf16, F16): widened to T (float) while packing.
+template <typename T, typename S>
+inline void pack_a_panel(const S* A, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, T* dst) {
   if (rows == kMR && a_rs == 1) {  // columns of A contiguous: copy kMR at a time
     for (int64_t k = 0; k < kc; ++k)
-      for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = A[k * a_cs + r];
+      for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = T(widen1(A[k * a_cs + r]));
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const T* src = A + r * a_rs;
-    for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = src[k * a_cs];
+    const S* src = A + r * a_rs;
+    for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = T(widen1(src[k * a_cs]));
   }
   for (int64_t r = rows; r < kMR; ++r)
     for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = T(0);
@@ -58,9 +62,22 @@ inline void pack_a_panel(const T* A, int64_t a_rs, int64_t a_cs, int64_t rows, i
 
 // Bp: panels of NR columns; element (k, c) of a panel at [k * NR + c]. Columns past N are zero.
 // NRV (vectors per panel row) is kNRV, or 1 for narrow products where a 2-vector panel would be mostly padding.
-template <typename T, int NRV = kNRV>
-inline void pack_b_panel(const T* B, int64_t b_rs, int64_t b_cs, int64_t kc, int64_t cols, T* dst) {
+template <typename T, int NRV = kNRV, typename S = T>
+inline void pack_b_panel(const S* B, int64_t b_rs, int64_t b_cs, int64_t kc, int64_t cols, T* dst) {
   constexpr int64_t NR = NRV * kLanes<T>;
+  if constexpr (!std::is_same_v<S, T>) {  // 16-bit elements, widened (rows contiguous or not)
+    for (int64_t k = 0; k < kc; ++k) {
+      const S* src = B + k * b_rs;
+      T* d = dst + k * NR;
+      if (b_cs == 1) {
+        for (int64_t c = 0; c < cols; ++c) d[c] = widen1(src[c]);
+      } else {
+        for (int64_t c = 0; c < cols; ++c) d[c] = widen1(src[c * b_cs]);
+      }
+      for (int64_t c = cols; c < NR; ++c) d[c] = T(0);
+    }
+    return;
+  } else {
   if (cols == NR && b_cs == 1) {
     for (int64_t k = 0; k < kc; ++k)
       for (int v = 0; v < NRV; ++v)
@@ -80,6 +97,7 @@ inline void pack_b_panel(const T* B, int64_t b_rs, int64_t b_cs, int64_t kc, int
     T* d = dst + k * NR;
     for (int64_t c = 0; c < cols; ++c) d[c] = src[c * b_cs];
     for (int64_t c = cols; c < NR; ++c) d[c] = T(0);
+  }
   }
 }
 

@@ -73,6 +73,16 @@ template <typename T> struct AdamArgs {
   bool decoupled = false, maximize = false;
 };
 
+// Adam on float16 / bfloat16 (bf16) parameters and gradients: `h` holds the hyper-parameters and, when the
+// moments are float32, their arrays; otherwise they are the 16-bit m16 / v16 / vmax16 (vmax: AMSGrad).
+struct AdamHalfArgs {
+  AdamArgs<float> h;
+  uint16_t* param = nullptr;
+  const uint16_t* grad = nullptr;
+  uint16_t *m16 = nullptr, *v16 = nullptr, *vmax16 = nullptr;
+  bool half_states = false, bf16 = false;
+};
+
 template <typename T> struct OpTable {
   void (*relu)(const T* x, T* y, int64_t n);
   void (*relu_backward)(const T* g, const T* x, T* out, int64_t n);
@@ -100,6 +110,20 @@ struct KernelTable {
   const char* isa;
   OpTable<float> f32;
   OpTable<double> f64;
+  // bfloat16 (bf16 = true) or float16 bits <-> float32 over n contiguous elements, threaded; narrowing rounds
+  // to nearest even and keeps NaN NaN. The half-precision ops run the float32 kernels between the two.
+  void (*half_widen)(const uint16_t* src, float* dst, int64_t n, bool bf16);
+  void (*half_narrow)(const float* src, uint16_t* dst, int64_t n, bool bf16);
+  // Ops on 16-bit arrays read and written at half width, computed in float32 (OpTable's meanings).
+  void (*half_relu)(const uint16_t* x, uint16_t* y, int64_t n, bool bf16);
+  void (*half_relu_backward)(const uint16_t* g, const uint16_t* x, uint16_t* out, int64_t n, bool bf16);
+  void (*half_softmax)(const uint16_t* x, uint16_t* y, int64_t rows, int64_t cols, bool log, bool bf16);
+  void (*half_softmax_backward)(const uint16_t* g, const uint16_t* y, uint16_t* out, int64_t rows, int64_t cols,
+                                bool log, bool bf16);
+  void (*half_adam)(const AdamHalfArgs& args);
+  // C = A @ B (+ bias, relu) as GemmArgs<float> says, but A and B (args.A / args.B unused) are 16-bit arrays
+  // with args' strides and offsets, widened to float32 while the panels are packed; C and bias are float32.
+  void (*half_gemm)(const GemmArgs<float>& args, const uint16_t* A, const uint16_t* B, bool bf16);
   // Machine-limit probes (probe.cpp), for the benchmark.
   double (*probe_peak_gflops)(int threads, bool f64);
   double (*probe_bandwidth_gbs)(int pattern, int threads, int64_t bytes, int reps);

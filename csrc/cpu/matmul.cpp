@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/ops.h"
@@ -39,8 +40,9 @@ template <typename T> void fill_empty_k(const GemmArgs<T>& g, T* C) {
 }
 
 // One product C = A @ B with up to nt threads (nt == 1 when the caller parallelizes over the batch).
-template <typename T, int NRV>
-void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& ws, int nt) {
+// S: the element type of A and B (T, or a 16-bit storage type widened to T = float while packing).
+template <typename T, int NRV, typename S>
+void gemm_one(const GemmArgs<T>& g, const S* A, const S* B, T* C, Workspace<T>& ws, int nt) {
   const int64_t M = g.M, N = g.N, K = g.K;
   constexpr int64_t NR = NRV * kLanes<T>;
   if (M == 0 || N == 0) return;
@@ -61,7 +63,7 @@ void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& 
   if (nt > 1 && m_blocks > 1) m_blocks = std::min(m_panels, round_up(m_blocks, nt));
   // A with unit column stride is read in place by the micro-kernel (full panels); only a partial last
   // panel is packed (zero-padded rows). Other layouts are packed.
-  const bool direct_a = g.a_cs == 1;
+  const bool direct_a = std::is_same_v<S, T> && g.a_cs == 1;
   const int64_t a_pack_first = direct_a ? M / kMR : 0;
   // Per (N block, K block): the panels are packed in parallel, then the (row block x N chunk) tasks run in
   // parallel; each parallel call returns when its pieces are done (the barrier between the phases).
@@ -83,7 +85,7 @@ void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& 
         for (int64_t p = p0; p < p1; ++p) {
           if (p < n_panels) {
             const int64_t j0 = p * NR;
-            pack_b_panel<T, NRV>(B + pc * g.b_rs + (jc + j0) * g.b_cs, g.b_rs, g.b_cs, kc, std::min(NR, nc - j0),
+            pack_b_panel<T, NRV, S>(B + pc * g.b_rs + (jc + j0) * g.b_cs, g.b_rs, g.b_cs, kc, std::min(NR, nc - j0),
                                  Bp + p * NR * kc);
           } else {
             const int64_t ip = a_pack_first + p - n_panels, i0 = ip * kMR;
@@ -104,7 +106,8 @@ void gemm_one(const GemmArgs<T>& g, const T* A, const T* B, T* C, Workspace<T>& 
           for (int64_t ip = ip0; ip < ip1; ++ip) {
             const int64_t i = ip * kMR;
             const bool in_place = ip < a_pack_first;
-            const T* a = in_place ? A + i * g.a_rs + pc : Ap + ip * kMR * kc;
+            const T* a = Ap + ip * kMR * kc;
+            if constexpr (std::is_same_v<S, T>) a = in_place ? A + i * g.a_rs + pc : a;
             micro_kernel<T, NRV>(kc, a, in_place ? g.a_rs : 1, in_place ? 1 : kMR, Bp + jp * NR * kc, NR,
                                  C + i * g.ldc + jc + j, g.ldc, std::min<int64_t>(kMR, M - i), nr, pc > 0,
                                  last && g.bias ? bias_pad + jc + j : nullptr, last && g.relu);
@@ -123,12 +126,13 @@ int threads_for(int64_t M, int64_t N, int64_t K) {
 
 }  // namespace
 
-template <typename T> void gemm(const GemmArgs<T>& g) {
+// The product with A and B of element type S read from A0, B0 (g's own A and B when S is T).
+template <typename T, typename S> static void gemm_from(const GemmArgs<T>& g, const S* A0, const S* B0) {
   if (g.batch <= 0 || g.M == 0 || g.N == 0) return;
-  auto a_of = [&](int64_t b) { return g.A + (g.a_off ? g.a_off[b] : 0); };
-  auto b_of = [&](int64_t b) { return g.B + (g.b_off ? g.b_off[b] : 0); };
+  auto a_of = [&](int64_t b) { return A0 + (g.a_off ? g.a_off[b] : 0); };
+  auto b_of = [&](int64_t b) { return B0 + (g.b_off ? g.b_off[b] : 0); };
   // Narrow products (N up to one vector) use one-vector panels: half the padding of the default two.
-  auto one = g.N <= kLanes<T> ? gemm_one<T, 1> : gemm_one<T, kNRV>;
+  auto one = g.N <= kLanes<T> ? gemm_one<T, 1, S> : gemm_one<T, kNRV, S>;
   const int nt_one = threads_for(g.M, g.N, g.K);
   const int nt = num_threads();
   if (g.batch == 1 || nt_one >= nt || nt == 1) {
@@ -147,6 +151,15 @@ template <typename T> void gemm(const GemmArgs<T>& g) {
       for (int64_t b = g.batch * t / teams; b < g.batch * (t + 1) / teams; ++b)
         one(g, a_of(b), b_of(b), g.C + b * g.c_bs, *ws[t], 1);
   });
+}
+
+template <typename T> void gemm(const GemmArgs<T>& g) { gemm_from(g, g.A, g.B); }
+
+void gemm_half(const GemmArgs<float>& g, const uint16_t* A, const uint16_t* B, bool bf16) {
+  if (bf16)
+    gemm_from(g, reinterpret_cast<const Bf16*>(A), reinterpret_cast<const Bf16*>(B));
+  else
+    gemm_from(g, reinterpret_cast<const F16*>(A), reinterpret_cast<const F16*>(B));
 }
 
 template <typename T> void gemm_naive(const GemmArgs<T>& g) {

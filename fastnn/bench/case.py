@@ -66,7 +66,7 @@ class Case:
 def rel_error(got, want) -> float:
     """||got - want|| / ||want|| in float64 (inf on a shape mismatch or a missing result, NaN stays NaN)."""
     if hasattr(got, "detach"):  # a torch tensor
-        got = got.detach().numpy()
+        got = _np(got)
     if got is None:
         return math.inf
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -78,8 +78,11 @@ def rel_error(got, want) -> float:
 
 
 def _np(x):
-    """A torch tensor as a numpy array (anything else unchanged)."""
-    return x.detach().numpy() if hasattr(x, "detach") else x
+    """A torch tensor as a numpy array (anything else unchanged); bfloat16 ones as float32 (numpy has none)."""
+    if not hasattr(x, "detach"):
+        return x
+    x = x.detach()
+    return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
 
 
 def _randn(rng, shape, dtype=F32):

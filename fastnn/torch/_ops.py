@@ -18,7 +18,7 @@ import fastnn
 from fastnn._dropout import dropout_p_value
 
 
-CPU_DTYPES = (torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CUDA_DTYPES = (torch.float32,)
 
 
@@ -302,7 +302,10 @@ def _sdpa_batch(query, key, value, enable_gqa):
 @_sdpa.register_fake
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
     batch = _sdpa_batch(query, key, value, enable_gqa)
-    return query.new_empty(batch + (query.shape[-2], value.shape[-1])), query.new_empty(batch + (query.shape[-2],))
+    # lse: float32 for bfloat16 / float16 inputs (fastnn.scaled_dot_product_attention's rule)
+    lse_dtype = torch.float32 if query.dtype in (torch.bfloat16, torch.float16) else query.dtype
+    return (query.new_empty(batch + (query.shape[-2], value.shape[-1])),
+            query.new_empty(batch + (query.shape[-2],), dtype=lse_dtype))
 
 
 @_op("scaled_dot_product_attention_backward")
@@ -340,7 +343,8 @@ _autograd(_sdpa, _sdpa_grad, _sdpa_setup)
 # ---- functions with torch.nn.functional's names ----------------------------------------------------------
 
 def _check(name: str, *tensors: Tensor) -> None:
-    """TypeError unless every tensor is a float32/float64 CPU tensor (float32 on CUDA) of one dtype and device."""
+    """TypeError unless every tensor is a float32/float64/bfloat16/float16 CPU tensor (float32 on CUDA) of one
+    dtype and device."""
     first = tensors[0]
     for i, t in enumerate(tensors):
         arg = name.split(",")[i].strip()
@@ -360,7 +364,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     """torch.nn.functional.linear: input @ weight.T + bias, with torch's weight layout (out_features,
     in_features) read transposed in place (no copy); activation="relu" fuses the ReLU into the product.
 
-    input (..., in), weight (out, in), bias (out,) or None -> (..., out). float32/float64 on the CPU
+    input (..., in), weight (out, in), bias (out,) or None -> (..., out). float32/float64/bfloat16/float16 on the CPU
     (float32 on CUDA), one dtype. Differentiable in input, weight and bias."""
     _check("input, weight", input, weight)
     if bias is not None:

@@ -13,17 +13,20 @@ from fastnn import _C
 from fastnn._ops import adam_scalars
 
 
-
 def _views(tensors):
     """numpy views of CPU tensors (the multi-tensor kernel's arguments): detached, zero-copy."""
     return None if tensors is None else [t.detach().numpy() for t in tensors]
 
 
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 class Adam(torch.optim.Optimizer):
     """torch.optim.Adam's algorithm and constructor (params or param groups, lr, betas, eps, weight_decay,
     amsgrad, maximize) on fastnn's fused kernel. Parameters: float32/float64 on the CPU (float32 on CUDA,
-    where each tensor is one kernel launch); a sparse gradient is a RuntimeError, another dtype a
-    TypeError. Works with torch.optim.lr_scheduler (it reads and sets each group's 'lr')."""
+    where each tensor is one kernel launch), and bfloat16/float16 on the CPU (one half-width call per
+    tensor, moments of the parameters' dtype as torch keeps them); a sparse gradient is a RuntimeError,
+    another dtype a TypeError. Works with torch.optim.lr_scheduler (it reads and sets each group's 'lr')."""
 
     _decoupled = False  # AdamW: decoupled weight decay
 
@@ -71,10 +74,11 @@ class Adam(torch.optim.Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("Adam does not support sparse gradients")
-            ok = (torch.float32, torch.float64) if p.device.type == "cpu" else (torch.float32,)
+            ok = _CPU_DTYPES if p.device.type == "cpu" else (torch.float32,)
             if p.dtype not in ok or p.device.type not in ("cpu", "cuda"):
                 raise TypeError(f"fastnn.torch.{type(self).__name__}: no kernel for {p.dtype} parameters on "
-                                f"{p.device.type} (float32/float64 on the CPU, float32 on CUDA); use torch.optim")
+                                f"{p.device.type} (float32/float64/bfloat16/float16 on the CPU, float32 on CUDA); "
+                                "use torch.optim")
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -118,8 +122,17 @@ class Adam(torch.optim.Optimizer):
                     lst[i] = t.contiguous()
                     write_back.append((t, lst[i]))
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-        _C.adam_multi(_views(params), _views(grads), _views(exp_avgs), _views(exp_avg_sqs), _views(vmaxs), lr, beta1,
-                      beta2, eps, wd, step_sizes, bc2s, self._decoupled, maximize)
+        if params[0].dtype in (torch.bfloat16, torch.float16):
+            # half-precision parameters: one half-width fused call per tensor; the moments have the
+            # parameters' dtype, as torch.optim.Adam keeps them (the arithmetic is float32)
+            for i, p in enumerate(params):
+                fastnn.adam_update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], step=int(steps[i].item()),
+                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                                   decoupled_weight_decay=self._decoupled, maximize=maximize,
+                                   max_exp_avg_sq=None if vmaxs is None else vmaxs[i])
+        else:
+            _C.adam_multi(_views(params), _views(grads), _views(exp_avgs), _views(exp_avg_sqs), _views(vmaxs), lr,
+                          beta1, beta2, eps, wd, step_sizes, bc2s, self._decoupled, maximize)
         for t, c in write_back:
             t.copy_(c)
 

@@ -45,7 +45,7 @@ def _plain(t) -> bool:
 
 def _kernel(t) -> bool:
     """Whether fastnn has a kernel for tensor t: a plain tensor (not a subclass with __torch_function__),
-    float32/float64 on the CPU or float32 on a CUDA device fastnn runs on, outside autocast."""
+    float32/float64/bfloat16/float16 on the CPU or float32 on a CUDA device fastnn runs on, outside autocast."""
     if not _plain(t):
         return False
     dev = t.device.type

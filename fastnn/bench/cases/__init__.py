@@ -11,6 +11,7 @@ from .elementwise import relu_backward_case, relu_case, tiny_relu_case
 from .matmul import linear_backward_case, linear_case, matmul_case
 from .softmax import cross_entropy_case, softmax_backward_case, softmax_case
 from .train import adam_case, mlp_step_case
+from . import half
 
 
 CASES: List[Case] = [
@@ -67,7 +68,7 @@ CASES: List[Case] = [
     linear_backward_case(64, 784, 128),
     mlp_step_case(64),
     mlp_step_case(512),
-]
+] + (half.CASES if half.available() else [])  # bfloat16 rows, beside the float32 ones of their ops
 
 OPS = tuple(dict.fromkeys(c.op for c in CASES))
 

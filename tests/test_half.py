@@ -1,0 +1,397 @@
+"""float16 and bfloat16 (ml_dtypes) on the CPU: every op against the float64 oracle on the same rounded inputs,
+on every ISA path, 1 and 2 threads, odd sizes, non-contiguous views and NaN/inf; the widening and rounding
+kernels bit for bit against ml_dtypes / numpy; torch and JAX arrays; Adam against torch.optim.Adam.
+
+Tolerances: conftest.tolerance for a 2-byte dtype, 2u + the float32 bound (u = 2^-8 bfloat16, 2^-11
+float16), derived there: results are float32 computations rounded once to the dtype.
+"""
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn import _C
+from fastnn import reference as ref
+
+from conftest import assert_close, make_array, softmax_backward_scale
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+HALF = [pytest.param(BF16, id="bf16"), pytest.param(F16, id="f16")]
+
+
+def close(got, want, dtype, k=1, scale=0.0):
+    """got has `dtype` and matches the rounded oracle result within tolerance(dtype, k)."""
+    assert got.dtype == dtype, f"dtype {got.dtype} != {dtype}"
+    assert_close(np.asarray(got, np.float64), np.asarray(want, np.float64), dtype, k, check_dtype=False,
+                 scale=scale)
+
+
+def half(rng, shape, dtype, layout="C", scale=1.0):
+    return make_array(rng, shape, dtype, layout, scale)
+
+
+def with_specials(a):
+    """a (a copy) with NaN, +inf and -inf at the start of its flat order."""
+    a = a.copy()
+    flat = a.reshape(-1)
+    flat[:3] = np.array([np.nan, np.inf, -np.inf], np.float32).astype(a.dtype)
+    return a
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, restore_threads):
+    fastnn.set_num_threads(request.param)
+    return request.param
+
+
+# ---- the conversions ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_rounding_matches_ml_dtypes_and_numpy(isa, dtype):
+    """float32 -> half rounds to nearest even exactly as ml_dtypes / numpy do (halfway cases, subnormals,
+    overflow to inf, NaN kept NaN), and half -> float32 is exact, on every path (vector body and tail)."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 40_000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    fmax = 65504.0 if dtype == F16 else 3.3895313892515355e38
+    x[:12] = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, fmax, -fmax, 65519.99, 65520.0, 1e-45, 6e-8]
+    # Exact halfway points between neighbouring half values (ties go to even) and their neighbours.
+    h = rng.standard_normal(2000).astype(dtype).astype(np.float32)
+    step = (np.nextafter(h.astype(dtype), dtype.type(np.inf)).astype(np.float32) - h) if dtype == F16 else None
+    if step is None:
+        mid = (h.view(np.uint32) + np.uint32(0x8000)).view(np.float32)
+    else:
+        mid = h + step / 2
+    x = np.concatenate([x, mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf))])
+    for n in (len(x), 1, 15, 17, 33):  # lengths around the vector widths
+        got = np.empty(n, dtype)
+        _C.float_to_half(x[:n], got.view(np.uint16), dtype == BF16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = x[:n].astype(dtype)
+        nan = np.isnan(x[:n])
+        assert np.isnan(got.astype(np.float32)[nan]).all()
+        assert np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+        back = np.empty(n, np.float32)
+        _C.half_to_float(want.view(np.uint16), back, dtype == BF16)
+        assert np.array_equal(back, want.astype(np.float32), equal_nan=True)
+
+
+def test_importing_fastnn_does_not_import_ml_dtypes():
+    import subprocess
+    import sys
+    from conftest import pkg_env
+    code = ("import sys, numpy as np, fastnn; fastnn.relu(np.ones(3, np.float16)); "
+            "assert 'ml_dtypes' not in sys.modules, 'ml_dtypes imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env=pkg_env(), cwd="/")
+
+
+# ---- element-wise and the softmax family ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("layout", ["C", "T", "step", "neg"])
+def test_relu(isa, threads, rng, dtype, layout):
+    x = with_specials(half(rng, (67, 131), dtype))
+    if layout != "C":
+        x = half(rng, (67, 131), dtype, layout)
+    g = half(rng, x.shape, dtype)
+    y = fastnn.relu(x)
+    assert y.dtype == dtype and np.array_equal(y, ref.relu(x), equal_nan=True)  # exact: a select
+    gx = fastnn.relu_backward(g, x)
+    assert gx.dtype == dtype and np.array_equal(gx, ref.relu_backward(g, x), equal_nan=True)
+    out = np.empty_like(x)
+    assert fastnn.relu(x, out=out) is out and np.array_equal(out, y, equal_nan=True)
+    big = half(rng, (300_001,), dtype)  # several threads' chunks
+    assert np.array_equal(fastnn.relu(big), ref.relu(big))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape,axis", [((7, 1), -1), ((5, 129), -1), ((3, 33, 17), 1), ((1000,), 0)])
+def test_softmax_family(isa, threads, rng, dtype, shape, axis):
+    x = half(rng, shape, dtype, scale=4.0)
+    n = shape[axis]
+    for op, oracle in ((fastnn.softmax, ref.softmax), (fastnn.log_softmax, ref.log_softmax)):
+        close(op(x, axis), oracle(x, axis), dtype, n)
+    y = fastnn.softmax(x, axis)
+    g = half(rng, shape, dtype)
+    close(fastnn.softmax_backward(g, y, axis), ref.softmax_backward(g, y, axis), dtype, n,
+          scale=softmax_backward_scale(g, y, axis))
+    ly = fastnn.log_softmax(x, axis)
+    g64, ly64 = np.asarray(g, np.float64), np.asarray(ly, np.float64)  # g - exp(y) * sum(g), in float64
+    close(fastnn.log_softmax_backward(g, ly, axis), g64 - np.exp(ly64) * g64.sum(axis, keepdims=True), dtype, n)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", [(3, 40_001), (2001, 33)], ids=["long_rows", "many_blocks"])
+def test_softmax_row_blocks(isa, threads, rng, dtype, shape):
+    """Rows longer than a thread's block, and many blocks of rows per thread (the half kernels' workspaces)."""
+    x = half(rng, shape, dtype, scale=3.0)
+    g = half(rng, shape, dtype)
+    close(fastnn.softmax(x), ref.softmax(x), dtype, shape[1])
+    close(fastnn.log_softmax(x), ref.log_softmax(x), dtype, shape[1])
+    y = fastnn.softmax(x)
+    close(fastnn.softmax_backward(g, y), ref.softmax_backward(g, y), dtype, shape[1],
+          scale=softmax_backward_scale(g, y))
+    out = x.copy()
+    assert fastnn.softmax(out, out=out) is out  # in place
+    assert np.array_equal(out, y)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("dtype", HALF)
+def test_softmax_nonfinite_rows(isa, rng, dtype):
+    x = half(rng, (4, 37), dtype)
+    x[0, 3] = np.nan
+    x[1, 5] = np.inf
+    x[2, 7] = -np.inf
+    close(fastnn.softmax(x), ref.softmax(x), dtype, 37)
+    close(fastnn.log_softmax(x), ref.log_softmax(x), dtype, 37)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy(isa, threads, rng, dtype, reduction):
+    logits = half(rng, (37, 101), dtype, scale=3.0)
+    labels = rng.integers(0, 101, 37)
+    labels[4] = -100
+    loss, grad = fastnn.cross_entropy(logits, labels, reduction=reduction)
+    rloss, rgrad = ref.cross_entropy(logits, labels, reduction=reduction)
+    close(grad, rgrad, dtype, 101)
+    if reduction == "none":
+        close(loss, rloss, dtype, 101)
+    else:  # a Python float summed in float64 over float32 row losses
+        assert abs(loss - rloss) <= 1e-5 * max(1.0, abs(rloss))
+
+
+# ---- products ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (37, 29, 53), (65, 130, 17), (8, 33, 300)])
+@pytest.mark.parametrize("la,lb", [("C", "C"), ("T", "step"), ("neg", "F")])
+def test_matmul(isa, threads, rng, dtype, M, N, K, la, lb):
+    a, b = half(rng, (M, K), dtype, la), half(rng, (K, N), dtype, lb)
+    close(fastnn.matmul(a, b), ref.matmul(a, b), dtype, K)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_matmul_batched_nonfinite(isa, rng, dtype):
+    a, b = half(rng, (3, 1, 19, 23), dtype), half(rng, (4, 23, 11), dtype)
+    close(fastnn.matmul(a, b), ref.matmul(a, b), dtype, 23)
+    a = with_specials(a)
+    close(fastnn.matmul(a, b), ref.matmul(a, b), dtype, 23)
+    v = half(rng, (23,), dtype)
+    close(fastnn.matmul(a, v), ref.matmul(a, v), dtype, 23)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_linear_and_backward(isa, threads, rng, dtype, activation):
+    x, w, b = half(rng, (5, 7, 45), dtype), half(rng, (45, 31), dtype), half(rng, (31,), dtype)
+    close(fastnn.linear(x, w, b, activation=activation), ref.linear(x, w, b, activation), dtype, 45)
+    g = half(rng, (5, 7, 31), dtype)
+    for got, want, k in zip(fastnn.linear_backward(g, x, w), ref.linear_backward(g, x, w), (31, 35, 35)):
+        close(got, want, dtype, k)
+
+
+# ---- attention -----------------------------------------------------------------------------------------
+
+ATTN = [  # (q shape, S, Ev, extra arguments)
+    ((2, 3, 17, 8), 29, 8, {}),
+    ((1, 2, 33, 59), 97, 111, {"is_causal": True}),
+    ((2, 4, 9, 16), 13, 16, {"enable_gqa": True, "kv_heads": 2}),
+    ((3, 20, 24), 20, 24, {"mask": "bool"}),
+    ((3, 20, 24), 21, 5, {"mask": "float"}),
+]
+
+
+def attn_inputs(rng, dtype, qshape, S, Ev, extra):
+    extra = dict(extra)
+    heads = extra.pop("kv_heads", None)
+    kvb = qshape[:-2] if heads is None else qshape[:-3] + (heads,)
+    q = half(rng, qshape, dtype)
+    k = half(rng, kvb + (S, qshape[-1]), dtype)
+    v = half(rng, kvb + (S, Ev), dtype)
+    mask = extra.pop("mask", None)
+    L = qshape[-2]
+    if mask == "bool":
+        extra["attn_mask"] = rng.random((L, S)) < 0.7
+    elif mask == "float":
+        extra["attn_mask"] = half(rng, (L, S), dtype)
+    return q, k, v, extra
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("case", range(len(ATTN)))
+def test_attention_forward_backward(isa, threads, rng, dtype, case):
+    qshape, S, Ev, extra = ATTN[case]
+    q, k, v, kw = attn_inputs(rng, dtype, qshape, S, Ev, extra)
+    E = qshape[-1]
+    out, lse = fastnn.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+    rout, rlse = ref.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+    close(out, rout, dtype, S + E)
+    assert lse.dtype == np.float32  # float32 for half inputs: a rounded lse would shift whole rows
+    assert_close(lse, rlse.astype(np.float64), np.float32, E + S, check_dtype=False)
+    g = half(rng, out.shape, dtype)
+    got = fastnn.scaled_dot_product_attention_backward(g, q, k, v, out, lse, **kw)
+    want = ref.scaled_dot_product_attention_backward(g, q, k, v, rout, rlse, **kw)
+    # The backward reads the forward's output rounded to the dtype (D = rowsum(dO * O), as PyTorch's): one
+    # more rounding of relative size u in the terms of dS, so the gradients get twice the forward's bound.
+    for x, w in zip(got, want):
+        close(x, w, dtype, 2 * (S + E + L_of(qshape)))
+
+
+def L_of(qshape):
+    return qshape[-2]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_attention_noncontiguous_nonfinite(isa, rng, dtype):
+    q = half(rng, (2, 19, 12), dtype, "step")
+    k = half(rng, (2, 23, 12), dtype, "T")
+    v = half(rng, (2, 23, 7), dtype, "neg")
+    close(fastnn.scaled_dot_product_attention(q, k, v), ref.scaled_dot_product_attention(q, k, v), dtype, 35)
+    k = with_specials(k)
+    close(fastnn.scaled_dot_product_attention(q, k, v, is_causal=True),
+          ref.scaled_dot_product_attention(q, k, v, is_causal=True), dtype, 35)
+
+
+# ---- Adam ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("states", ["float32", "half"])
+@pytest.mark.parametrize("kw", [{}, {"weight_decay": 0.1, "decoupled_weight_decay": True},
+                                {"weight_decay": 0.01, "amsgrad": True}])
+def test_adam_steps_against_the_oracle(isa, threads, rng, dtype, states, kw):
+    kw = dict(kw)
+    ams = kw.pop("amsgrad", False)
+    n = 70_001  # several threads' chunks and a tail
+    sdt = np.float32 if states == "float32" else dtype
+    p = half(rng, (n,), dtype)
+    m, v = np.zeros(n, sdt), np.zeros(n, sdt)
+    vmax = np.zeros(n, sdt) if ams else None
+    for step in range(1, 4):
+        g = half(rng, (n,), dtype)
+        rp, rm, rv = p.copy(), m.copy(), v.copy()
+        rvmax = None if vmax is None else vmax.copy()
+        fastnn.adam_update(p, g, m, v, step=step, lr=1e-2, max_exp_avg_sq=vmax, **kw)
+        ref.adam_update(rp, g, rm, rv, step=step, lr=1e-2, max_exp_avg_sq=rvmax, **kw)
+        # one step from the same inputs: each result is one rounding of a float32 computation
+        close(p, rp, dtype)
+        close(m, rm, np.dtype(sdt))
+        close(v, rv, np.dtype(sdt))
+        p, m, v, vmax = rp, rm, rv, rvmax  # continue from the oracle's state
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_adam_mixed_moment_dtypes(rng, dtype):
+    p, g = half(rng, (1001,), dtype), half(rng, (1001,), dtype)
+    m, v = half(rng, (1001,), np.float32) * 0.1, np.abs(half(rng, (1001,), dtype))
+    rp, rm, rv = p.copy(), m.copy(), v.copy()
+    fastnn.adam_update(p, g, m, v, step=3, lr=1e-2)
+    ref.adam_update(rp, g, rm, rv, step=3, lr=1e-2)
+    close(p, rp, dtype)
+    close(m, rm, np.dtype(np.float32))
+    close(v, rv, dtype)
+
+
+def test_adam_bf16_params_float32_states_against_torch(threads):
+    """20 steps on bfloat16 parameters with float32 moments against torch.optim.Adam on a float32 copy of
+    the parameters that is rounded to bfloat16 after every step: the same arithmetic (float32 moments, the
+    parameter widened, updated in float32 and rounded to nearest even)."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    n = 4099
+    p = torch.randn(n, generator=gen).bfloat16()
+    tp = p.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([tp], lr=1e-2, weight_decay=0.01)
+    m, v = torch.zeros(n), torch.zeros(n)
+    for step in range(1, 21):
+        g = torch.randn(n, generator=gen).bfloat16()
+        fastnn.adam_update(p, g, m, v, step=step, lr=1e-2, weight_decay=0.01)
+        tp.grad = g.float()
+        opt.step()
+        with torch.no_grad():
+            tp.copy_(tp.bfloat16().float())
+    st = opt.state[tp]
+    assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
+    # bfloat16 parameters: at most one ulp apart where float32 rounding order differs near a tie
+    diff = (p.float() - tp.detach()).abs()
+    assert (diff <= 2.0 ** -7 * tp.detach().abs()).all()
+    assert (p.float() != tp.detach()).float().mean() < 0.01
+    assert torch.allclose(m, st["exp_avg"], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(v, st["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+# ---- torch and JAX arrays ------------------------------------------------------------------------------
+
+def _all_ops(x, w, q, g, lab):
+    """Every op on one dtype's arrays, as (name, result) pairs of arrays (numpy, torch or JAX)."""
+    out, lse = fastnn.scaled_dot_product_attention(q, q, q, return_lse=True)
+    return [
+        ("matmul", fastnn.matmul(x, w)), ("linear", fastnn.linear(x, w, activation="relu")),
+        ("linear_backward", fastnn.linear_backward(g, x, w)[1]),
+        ("relu", fastnn.relu(x)), ("relu_backward", fastnn.relu_backward(x, x)),
+        ("softmax", fastnn.softmax(x)), ("log_softmax", fastnn.log_softmax(x)),
+        ("softmax_backward", fastnn.softmax_backward(x, x)),
+        ("cross_entropy", fastnn.cross_entropy(x, lab, reduction="none")[1]),
+        ("attention", out), ("attention_backward", fastnn.scaled_dot_product_attention_backward(
+            q, q, q, q, out, lse)[0]),
+    ]
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_torch_and_jax_arrays_give_the_numpy_results(rng, lib, name):
+    dtype = BF16 if name == "bfloat16" else F16
+    x, w, q, g = (half(rng, s, dtype) for s in ((9, 12), (12, 12), (2, 5, 12), (9, 12)))
+    lab = np.arange(x.shape[0]) % x.shape[1]
+    want = _all_ops(x, w, q, g, lab)
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        tdt = getattr(torch, name)
+        conv = (lambda a: torch.from_numpy(a.astype(np.float32)).to(tdt) if a.dtype == dtype else torch.from_numpy(a))
+        back = (lambda t: t.float().numpy())
+        is_lib = (lambda t: isinstance(t, torch.Tensor) and t.dtype == tdt)
+    else:
+        jnp = pytest.importorskip("jax.numpy")
+        conv = (lambda a: jnp.asarray(a))
+        back = (lambda t: np.asarray(t).astype(np.float32))
+        is_lib = (lambda t: type(t).__module__.startswith("jax") and t.dtype == dtype)
+    got = _all_ops(*(conv(a) for a in (x, w, q, g, lab)))
+    for (op, r), (_, t) in zip(want, got):
+        assert is_lib(t), f"{op}: got {type(t)} {getattr(t, 'dtype', '')}"
+        assert np.array_equal(back(t), r.astype(np.float32), equal_nan=True), op
+
+
+def test_torch_bf16_noncontiguous_and_in_place():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(8, 6).bfloat16()
+    xt = x.t()
+    y = fastnn.relu(xt)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, torch.relu(xt))
+    out = torch.empty_like(x)
+    assert fastnn.relu(x, out=out) is out and torch.equal(out, torch.relu(x))
+    p, g = torch.randn(10).bfloat16(), torch.randn(10).bfloat16()
+    m, v = torch.zeros(10, dtype=torch.bfloat16), torch.zeros(10, dtype=torch.bfloat16)
+    before = p.clone()
+    fastnn.adam_update(p, g, m, v, step=1, lr=0.1)
+    assert not torch.equal(p, before) and m.abs().sum() > 0
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+def test_mixed_and_other_dtypes_are_type_errors(rng):
+    x = half(rng, (3, 4), BF16)
+    with pytest.raises(TypeError, match="b: dtype float32 does not match a's dtype bfloat16"):
+        fastnn.matmul(x, np.ones((4, 2), np.float32))
+    with pytest.raises(TypeError, match="b: dtype float16 does not match a's dtype bfloat16"):
+        fastnn.matmul(x, np.ones((4, 2), np.float16))
+    with pytest.raises(TypeError, match="expected a float32, float64, float16 or bfloat16 array"):
+        fastnn.relu(np.ones(3, ml_dtypes.float8_e4m3fn))
+    p = half(rng, (5,), BF16)
+    with pytest.raises(TypeError, match="exp_avg: expected a float32 or bfloat16 array"):
+        fastnn.adam_update(p, p.copy(), np.zeros(5, np.float64), np.zeros(5, np.float32), step=1)
+    with pytest.raises(TypeError, match="attn_mask: expected dtype bool or bfloat16"):
+        fastnn.scaled_dot_product_attention(x, x, x, attn_mask=np.zeros((3, 3), np.float32))
+    with pytest.raises(TypeError, match="lse: expected a float32 array"):
+        fastnn.scaled_dot_product_attention_backward(x, x, x, x, x, np.zeros(3, BF16))
