@@ -165,9 +165,11 @@ def run(threads_list=None, quick=False, ops=OPS, neighbours=None, iters=None, lo
     torch_saved = torch.get_num_threads() if torch is not None else None
     try:
         for n in threads_list:
-            fastnn.set_num_threads(n)
             for nb_name, (nb_call, nb_threads) in nbs.items():
                 nb_threads(n)
+                # After the neighbour's limit: threadpoolctl's restore_original_limits() (in blas_threads) puts
+                # every library it sees back, fastnn included, to its count when that limit was taken.
+                fastnn.set_num_threads(n)
                 for op in ops:
                     row = {"neighbour": nb_name, "op": op, "threads": n, **measure(nb_call, calls[op], iters)}
                     rows.append(row)
