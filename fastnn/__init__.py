@@ -20,8 +20,9 @@ try:
     from . import _C
 except ImportError as _e:  # the source tree without a build
     raise ImportError(
-        "fastnn's compiled extension fastnn._C is missing: install the package (pip install .) and import it "
-        "from outside the source tree, or build it in place with tools/dev_build.sh"
+        f"fastnn's compiled extension fastnn._C is missing from {__path__[0]}: if this is the source tree of an "
+        "installed fastnn, Python found the source folder first (run from another directory); else install "
+        "the package (pip install .), or build it in place with tools/dev_build.sh"
     ) from _e
 from ._ops import (
     adam_update,

@@ -47,7 +47,7 @@ def _parser():
                     "(when it imports) side by side; a Markdown table goes to stdout, progress to "
                     "stderr. Exits 1 when a fastnn result fails its check.")
     bench.add_argument("--quick", action="store_true",
-                       help="fewer repeats, the largest cases left out (under a minute on 2 cores)")
+                       help="fewer repeats, the largest cases left out (about a minute on 2 cores)")
     bench.add_argument("--op", nargs="+", action="extend", metavar="NAME", choices=OPS + tuple(extra),
                        help=f"only these ops (any of: {', '.join(OPS)}; default: all)"
                             + "".join(f"; {name}: {text}" for name, (_, text) in extra.items()))

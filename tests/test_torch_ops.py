@@ -352,8 +352,10 @@ def test_errors():
         ft.cross_entropy(x, torch.tensor([0, 1, 2, 6]))
     with pytest.raises(ValueError, match="dim"):
         ft.softmax(x, 2)
-    with pytest.raises(ValueError):
-        ft.linear(x, rand(3, 5))
+    with pytest.raises(ValueError, match=r"weight \(out_features, in_features\), got input \(4, 6\) and weight \(3, 5\)"):
+        ft.linear(x, rand(3, 5))  # torch's layout in the message, not the transposed view the kernel reads
+    with pytest.raises(ValueError, match=r"bias: expected shape \(3,\)"):
+        ft.linear(x, rand(3, 6), rand(4))
 
 
 def test_eager_calls_match_the_op_and_modes_see_the_op():

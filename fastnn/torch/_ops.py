@@ -371,6 +371,12 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         _check("input, bias", input, bias)
     if activation not in (None, "relu"):
         raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    # Shapes in torch's layout here (the kernel's own checks would name the transposed weight it reads).
+    if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: expected input (..., in_features) and weight (out_features, in_features), got "
+                         f"input {tuple(input.shape)} and weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},) (weight's out_features), got {tuple(bias.shape)}")
     return _call("linear", input, weight, bias, activation)
 
 
