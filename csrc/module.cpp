@@ -63,6 +63,18 @@ void check_span(const py::array& a, const char* name, int64_t off_min, int64_t o
     value_error(std::string(name) + ": strides/offsets reach outside the array");
 }
 
+// check_span for a batch of r x c views: element (i, j) of view b at off[b] + i * rs + j * cs (strides of any
+// sign). Nothing to check when a view is empty.
+void check_batched_span(const py::array& arr, const char* name, const int64_t* off, int64_t batch, int64_t rs,
+                        int64_t r, int64_t cs, int64_t c, int64_t itemsize) {
+  if (batch == 0 || r == 0 || c == 0) return;
+  int64_t omin = INT64_MAX, omax = INT64_MIN;
+  for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
+  const int64_t e1 = (r - 1) * rs, e2 = (c - 1) * cs;
+  check_span(arr, name, omin + std::min<int64_t>(e1, 0) + std::min<int64_t>(e2, 0),
+             omax + std::max<int64_t>(e1, 0) + std::max<int64_t>(e2, 0), itemsize);
+}
+
 template <typename T> const OpTable<T>& ops();
 template <> const OpTable<float>& ops<float>() { return kernels().f32; }
 template <> const OpTable<double>& ops<double>() { return kernels().f64; }
@@ -188,16 +200,8 @@ void gemm(const py::array& a, const py::array& b, const py::array& out, const Of
     g.C = contig<T>(out, "out", batch * M * N, true);
     g.ldc = N, g.c_bs = M * N;
     if (batch > 0 && M > 0 && N > 0 && K > 0) {
-      auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t cs, int64_t r, int64_t c,
-                      const char* name) {
-        int64_t omin = INT64_MAX, omax = INT64_MIN;
-        for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
-        const int64_t e1 = (r - 1) * rs, e2 = (c - 1) * cs;
-        check_span(arr, name, omin + std::min<int64_t>(e1, 0) + std::min<int64_t>(e2, 0),
-                   omax + std::max<int64_t>(e1, 0) + std::max<int64_t>(e2, 0), sizeof(T));
-      };
-      span(a, g.a_off, a_rs, a_cs, M, K, "a");
-      span(b, g.b_off, b_rs, b_cs, K, N, "b");
+      check_batched_span(a, "a", g.a_off, batch, a_rs, M, a_cs, K, sizeof(T));
+      check_batched_span(b, "b", g.b_off, batch, b_rs, K, b_cs, N, sizeof(T));
     }
     if (!bias.is_none()) g.bias = contig<T>(bias.cast<py::array>(), "bias", N);
     g.relu = relu;
@@ -222,16 +226,8 @@ void gemm_half(const py::array& a, const py::array& b, const py::array& out, con
   g.C = contig<float>(out, "out", batch * M * N, true);
   g.ldc = N, g.c_bs = M * N;
   if (batch > 0 && M > 0 && N > 0 && K > 0) {
-    auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t cs, int64_t r, int64_t c,
-                    const char* name) {
-      int64_t omin = INT64_MAX, omax = INT64_MIN;
-      for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
-      const int64_t e1 = (r - 1) * rs, e2 = (c - 1) * cs;
-      check_span(arr, name, omin + std::min<int64_t>(e1, 0) + std::min<int64_t>(e2, 0),
-                 omax + std::max<int64_t>(e1, 0) + std::max<int64_t>(e2, 0), 2);
-    };
-    span(a, g.a_off, a_rs, a_cs, M, K, "a");
-    span(b, g.b_off, b_rs, b_cs, K, N, "b");
+    check_batched_span(a, "a", g.a_off, batch, a_rs, M, a_cs, K, 2);
+    check_batched_span(b, "b", g.b_off, batch, b_rs, K, b_cs, N, 2);
   }
   if (!bias.is_none()) g.bias = contig<float>(bias.cast<py::array>(), "bias", N);
   g.relu = relu;
@@ -593,10 +589,8 @@ void fill_sdpa(SdpaArgs<T>& a, const py::array& q, const py::array& k, const py:
   auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t r, int64_t cs, int64_t c,
                   const char* name, int64_t itemsize) {
     if (batch == 0 || r == 0 || c == 0) return;
-    int64_t omin = INT64_MAX, omax = INT64_MIN;
-    for (int64_t i = 0; i < batch; ++i) omin = std::min(omin, off[i]), omax = std::max(omax, off[i]);
     if (rs < 0 || cs < 0) value_error(std::string(name) + ": negative strides must be resolved by the caller");
-    check_span(arr, name, omin, omax + (r - 1) * rs + (c - 1) * cs, itemsize);
+    check_batched_span(arr, name, off, batch, rs, r, cs, c, itemsize);
   };
   span(q, a.q_off, q_rs, L, 1, E, "query", sizeof(T));
   span(k, a.k_off, k_rs, S, 1, E, "key", sizeof(T));
