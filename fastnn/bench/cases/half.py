@@ -13,7 +13,7 @@ from fastnn import reference
 
 from ..case import F32, Case, _max_error, _np
 from .attention import _by_heads, _sdpa_pairs
-from .train import ADAM
+from .train import ADAM, torch_adam_step
 
 PATH = "bf16 widened to f32"
 
@@ -162,23 +162,7 @@ def adam_bf16_case(n) -> Case:
         return call
 
     def torch_impl(x, torch):
-        p = torch.nn.Parameter(_torch_bf16(torch, x["param"]))
-        p.grad = _torch_bf16(torch, x["grad"])
-        hyper = dict(lr=ADAM["lr"], betas=(ADAM["beta1"], ADAM["beta2"]), eps=ADAM["eps"])
-        try:
-            opt = torch.optim.Adam([p], fused=True, **hyper)
-            opt.step()
-        except Exception:
-            opt = torch.optim.Adam([p], foreach=True, **hyper)
-        else:
-            p.data.copy_(_torch_bf16(torch, x["param"]))
-            opt.state.clear()
-
-        def call():
-            opt.step()
-            state = opt.state[p]
-            return p.detach(), state["exp_avg"], state["exp_avg_sq"]
-        return call
+        return torch_adam_step(torch, lambda: _torch_bf16(torch, x["param"]), lambda: _torch_bf16(torch, x["grad"]))
 
     def expected(x):
         p, m, v = (np.asarray(x[k], np.float64) for k in ("param", "exp_avg", "exp_avg_sq"))

@@ -14,6 +14,31 @@ from ..case import EST_FLOPS, F32, Case, _max_error, _np, _randn, _tensor, rel_e
 ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
+def torch_adam_step(torch, param, grad):
+    """The timed call of torch.optim.Adam (fused where this torch has it, else foreach) with ADAM's
+    hyper-parameters on one parameter: param() and grad() make its initial value and gradient as tensors.
+    Each call is one step; it returns (param, exp_avg, exp_avg_sq)."""
+    hyper = dict(lr=ADAM["lr"], betas=(ADAM["beta1"], ADAM["beta2"]), eps=ADAM["eps"])
+    p = torch.nn.Parameter(param())
+    p.grad = grad()
+    try:
+        opt = torch.optim.Adam([p], fused=True, **hyper)
+        opt.step()
+    except Exception:  # fused Adam on CPU needs torch >= 2.4
+        p = torch.nn.Parameter(param())
+        p.grad = grad()
+        opt = torch.optim.Adam([p], foreach=True, **hyper)
+    else:  # start again from the initial values, so the first call is a first step
+        p.data.copy_(param())
+        opt.state.clear()
+
+    def call():
+        opt.step()
+        state = opt.state[p]
+        return p.detach(), state["exp_avg"], state["exp_avg_sq"]
+    return call
+
+
 def adam_case(n, only="") -> Case:
     """One Adam step on n float32 parameters, in place; every implementation updates its own copies
     of param and state. Timing repeats step 1, which costs the same as any later step."""
@@ -41,25 +66,7 @@ def adam_case(n, only="") -> Case:
         return call
 
     def torch_impl(x, torch):
-        p = torch.nn.Parameter(_tensor(torch, x["param"]))
-        p.grad = _tensor(torch, x["grad"])
-        hyper = dict(lr=ADAM["lr"], betas=(ADAM["beta1"], ADAM["beta2"]), eps=ADAM["eps"])
-        try:
-            opt = torch.optim.Adam([p], fused=True, **hyper)
-            opt.step()
-        except Exception:  # fused Adam on CPU needs torch >= 2.4
-            p = torch.nn.Parameter(_tensor(torch, x["param"]))
-            p.grad = _tensor(torch, x["grad"])
-            opt = torch.optim.Adam([p], foreach=True, **hyper)
-        else:  # start again from the initial values, so the first call is a first step
-            p.data.copy_(_tensor(torch, x["param"]))
-            opt.state.clear()
-
-        def call():
-            opt.step()
-            state = opt.state[p]
-            return p.detach(), state["exp_avg"], state["exp_avg_sq"]
-        return call
+        return torch_adam_step(torch, lambda: _tensor(torch, x["param"]), lambda: _tensor(torch, x["grad"]))
 
     def expected(x):
         p, g, m, v = (np.asarray(a, np.float64) for a in copies(x))
