@@ -29,6 +29,10 @@ bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
+bool has_avx512bf16() {
+  __builtin_cpu_init();
+  return has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
 #endif
 
 // Ordered from the baseline up.
@@ -39,6 +43,9 @@ const IsaEntry kIsas[] = {
 #endif
 #ifdef FASTNN_HAVE_avx512
     {"avx512", avx512::kernel_table, has_avx512},
+#endif
+#ifdef FASTNN_HAVE_avx512bf16
+    {"avx512bf16", avx512bf16::kernel_table, has_avx512bf16},
 #endif
 };
 

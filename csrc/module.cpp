@@ -734,11 +734,12 @@ py::dict machine_limits(int threads, bool quick) {
   const KernelTable& k = kernels();
   const int64_t bytes = int64_t(quick ? 128 : 256) << 20;
   const int reps = quick ? 2 : 4;
-  double pf, pd, copy, rw, adam;
+  double pf, pd, pb, copy, rw, adam;
   {
     py::gil_scoped_release nogil;
-    pf = k.probe_peak_gflops(threads, false);
-    pd = k.probe_peak_gflops(threads, true);
+    pf = k.probe_peak_gflops(threads, kPeakF32);
+    pd = k.probe_peak_gflops(threads, kPeakF64);
+    pb = k.probe_peak_gflops(threads, kPeakBf16Dot);
     copy = k.probe_bandwidth_gbs(0, threads, bytes, reps);
     rw = k.probe_bandwidth_gbs(1, threads, bytes, reps);
     adam = k.probe_bandwidth_gbs(2, threads, bytes, reps);
@@ -746,6 +747,8 @@ py::dict machine_limits(int threads, bool quick) {
   py::dict d;
   d["peak_gflops_f32"] = pf;
   d["peak_gflops_f64"] = pd;
+  // bfloat16 products: the dot product's peak where the path has one, else they run at float32's.
+  d["peak_gflops_bf16"] = pb > 0 ? pb : pf;
   d["mem_copy_gbs"] = copy;
   d["mem_rw_gbs"] = rw;
   d["mem_adam_gbs"] = adam;
@@ -754,6 +757,8 @@ py::dict machine_limits(int threads, bool quick) {
   const std::string isa = k.isa;
   src["peak_gflops_f32"] = "native FMA probe (" + isa + ")";
   src["peak_gflops_f64"] = "native FMA probe (" + isa + ")";
+  src["peak_gflops_bf16"] = pb > 0 ? "native bf16 dot-product probe (" + isa + ")"
+                                   : "the float32 FMA peak (" + isa + " widens bfloat16 to float32)";
   src["mem_copy_gbs"] = "native copy probe, " + std::to_string(bytes >> 20) + " MiB";
   src["mem_rw_gbs"] = "native in-place probe, " + std::to_string(bytes >> 20) + " MiB";
   src["mem_adam_gbs"] = "native 4-read/3-write probe, " + std::to_string(bytes >> 20) + " MiB";
@@ -772,6 +777,9 @@ py::dict build_info() {
   isa_flags["generic"] = "";
   isa_flags["avx2"] = FASTNN_ISA_FLAGS_AVX2;
   isa_flags["avx512"] = FASTNN_ISA_FLAGS_AVX512;
+#ifdef FASTNN_HAVE_avx512bf16
+  isa_flags["avx512bf16"] = FASTNN_ISA_FLAGS_AVX512BF16;
+#endif
   d["cpu_isa_flags"] = isa_flags;
   d["thread_pool"] = thread_pool_info();
   d["cuda_built"] = bool(FASTNN_CUDA_BUILT);

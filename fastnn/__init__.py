@@ -5,7 +5,7 @@ on float32, float64, float16 or bfloat16 CPU arrays (numpy, ml_dtypes' bfloat16,
 or any DLPack array; results in the caller's type; the 16-bit dtypes computed in float32) and releases the
 GIL while it runs; GPU arrays (cupy, torch CUDA tensors) run the CUDA
 kernels (fastnn/_gpu.py). This module only re-exports (fastnn/_ops.py holds the ops). `fastnn.reference` holds the
-same functions in plain NumPy (the test oracles). Set FASTNN_CPU_ISA=generic|avx2|avx512 to force a
+same functions in plain NumPy (the test oracles). Set FASTNN_CPU_ISA=generic|avx2|avx512|avx512bf16 to force a
 lower code path; an unavailable request warns and keeps the best available one.
 """
 from __future__ import annotations

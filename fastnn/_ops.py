@@ -914,12 +914,13 @@ def get_num_threads() -> int:
 
 
 def cpu_isa() -> str:
-    """The CPU kernel path in use: 'generic', 'avx2' or 'avx512'."""
+    """The CPU kernel path in use: 'generic', 'avx2', 'avx512' or 'avx512bf16' (avx512 with the bfloat16
+    matmul on the AVX512-BF16 dot product)."""
     return _C.isa()
 
 
 def set_cpu_isa(name) -> None:
-    """Switches the CPU kernel path ('generic', 'avx2' or 'avx512') for all later calls.
+    """Switches the CPU kernel path ('generic', 'avx2', 'avx512' or 'avx512bf16') for all later calls.
     ValueError when that path is not compiled in or this CPU does not support it."""
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__}")

@@ -28,7 +28,7 @@ def test_info():
     supported = info["cpu_isa_supported"]
     assert isinstance(supported, list) and all(isinstance(n, str) for n in supported)
     assert "generic" in supported
-    assert set(supported) <= {"generic", "avx2", "avx512"}
+    assert set(supported) <= {"generic", "avx2", "avx512", "avx512bf16"}
     assert fastnn.cpu_isa() in supported
     assert isinstance(fastnn.cpu_isa(), str)
 
@@ -81,7 +81,7 @@ def test_set_cpu_isa_unknown(name):
 
 
 def test_set_cpu_isa_unsupported_here():
-    unavailable = [n for n in ["generic", "avx2", "avx512"] if n not in supported_isas()]
+    unavailable = [n for n in ["generic", "avx2", "avx512", "avx512bf16"] if n not in supported_isas()]
     if not unavailable:
         pytest.skip("every ISA path is usable on this CPU")
     old = fastnn.cpu_isa()

@@ -193,6 +193,83 @@ def test_linear_and_backward(isa, threads, rng, dtype, activation):
         close(got, want, dtype, k)
 
 
+# ---- the avx512bf16 path: bfloat16 products on the AVX512-BF16 dot product ------------------------------
+
+def _gemm32(a, b):
+    """The float32 product of 2-D bfloat16 a @ b before its rounding to bfloat16 (any strides)."""
+    c = np.full((a.shape[0], b.shape[1]), np.nan, np.float32)
+    e = lambda x: [s // 2 for s in x.strides]
+    _C.gemm_half(a.view(np.uint16), b.view(np.uint16), c, np.zeros(1, np.int64), np.zeros(1, np.int64),
+                 a.shape[0], b.shape[1], a.shape[1], *e(a), *e(b), None, False, True)
+    return c
+
+
+def _on(isa, f, *args):
+    old = fastnn.cpu_isa()
+    fastnn.set_cpu_isa(isa)
+    try:
+        return f(*args)
+    finally:
+        fastnn.set_cpu_isa(old)
+
+
+needs_bf16_path = pytest.mark.skipif("avx512bf16" not in fastnn.info()["cpu_isa_supported"],
+                                     reason="this CPU has no AVX512-BF16 (the avx512bf16 path is not available)")
+
+
+@needs_bf16_path
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (8, 32, 2), (9, 33, 3), (17, 16, 255), (130, 70, 513)])
+@pytest.mark.parametrize("la,lb", [("C", "C"), ("F", "F"), ("T", "step"), ("neg", "C")])
+def test_bf16_dot_product_accumulates_in_float32(threads, rng, M, N, K, la, lb):
+    # The float32 sums before rounding, against the float64 oracle at the float32 bound: the pair dot
+    # product rounds like the FMA chain (each bf16 product is exact in float32).
+    a, b = half(rng, (M, K), BF16, la), half(rng, (K, N), BF16, lb)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    for isa in ("avx512", "avx512bf16"):
+        assert_close(_on(isa, _gemm32, a, b).astype(np.float64), want, np.float32, K, check_dtype=False)
+
+
+# Inputs the dot product would get wrong (subnormal inputs read as zero, subnormal sums flushed to zero,
+# overflowing products) or whose special values must behave as IEEE float32: the product is computed on
+# the widening path instead, so it is the avx512 path's result bit for bit.
+OUTSIDE = {"subnormal": (1e-39, 1e38), "tiny products": (1e-20, 1e-20), "below 2^-55": (2.0**-56, 1.0),
+           "2^63": (2.0**63, 1.0), "huge products": (3e38, -3e38), "inf": (np.inf, 1.0), "nan": (np.nan, 1.0)}
+
+
+@needs_bf16_path
+@pytest.mark.parametrize("case", list(OUTSIDE))
+@pytest.mark.parametrize("where", ["a", "b"])
+def test_bf16_dot_product_leaves_what_it_would_get_wrong_to_float32(rng, case, where):
+    x, y = OUTSIDE[case]
+    a, b = half(rng, (19, 37), BF16), half(rng, (37, 45), BF16)
+    a[3, 5], b[5, 7] = (x, y) if where == "a" else (y, x)
+    if case in ("subnormal", "tiny products"):  # the only term of c[3, 7]: the rest of row 3 / column 7 zero
+        a[3, :5] = a[3, 6:] = 0
+    wide, dot = _on("avx512", _gemm32, a, b), _on("avx512bf16", _gemm32, a, b)
+    np.testing.assert_array_equal(dot, wide)
+    want = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+    if case in ("subnormal", "tiny products"):  # the IEEE float32 answer, nonzero
+        assert dot[3, 7] == want[3, 7] != 0
+    # And through the public API, rounded to bfloat16 (the row-3 zeros make some sums exactly 0).
+    np.testing.assert_array_equal(_on("avx512bf16", fastnn.matmul, a, b).view(np.uint16),
+                                  _on("avx512", fastnn.matmul, a, b).view(np.uint16))
+
+
+@needs_bf16_path
+@pytest.mark.parametrize("x,y", [(2.0**-55, 2.0**-55), (2.0**62 * 1.9921875, 2.0**62 * 1.9921875)],
+                         ids=["smallest", "largest"])
+def test_bf16_dot_product_range_edges_are_exact(x, y):
+    # The edges of the range the dot product takes: products 2^-110 and (2^63 - 2^55)^2, exact in float32.
+    a = np.full((8, 4), x, np.float32).astype(BF16)
+    b = np.full((4, 32), y, np.float32).astype(BF16)
+    b[1::2] *= -1  # every sum cancels pairwise to exactly zero, and the one product of column 0 below stays
+    b[:, 0] = 0
+    b[0, 0] = y
+    got = _on("avx512bf16", _gemm32, a, b)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    assert got[0, 0] == np.float32(x * y) and np.array_equal(got, want.astype(np.float32))
+
+
 # ---- attention -----------------------------------------------------------------------------------------
 
 ATTN = [  # (q shape, S, Ev, extra arguments)

@@ -26,7 +26,7 @@ def test_env_forces_generic():
     assert r.stdout.strip() == "generic"
 
 
-@pytest.mark.parametrize("name", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("name", ["generic", "avx2", "avx512", "avx512bf16"])
 def test_env_forces_each_supported_isa(name):
     if name not in supported_isas():
         pytest.skip(f"{name} not usable on this CPU")

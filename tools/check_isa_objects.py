@@ -6,13 +6,14 @@ thread control, the generic kernels, and any library code the linker kept) must 
 
 Disassembles (objdump -d) two things in a CMake build tree of fastnn:
   1. the generic kernel objects (CMakeFiles/fastnn_isa_generic.dir): no instruction past baseline x86-64;
-  2. the linked, unstripped modules (_C*.so, and _cuda*.so's host code when built): every function whose name is not inside the avx2 / avx512 kernel
-     namespaces (fastnn::cpu::avx2::, fastnn::cpu::avx512::, their lambdas, the parallel pieces and
+  2. the linked, unstripped modules (_C*.so, and _cuda*.so's host code when built): every function whose name is not inside the avx2 / avx512 /
+     avx512bf16 kernel namespaces (fastnn::cpu::avx2::, fastnn::cpu::avx512::, fastnn::cpu::avx512bf16::, their lambdas, the parallel pieces and
      template instantiations included) is baseline. This is the check that matters: module.cpp,
      dispatch.cpp and threads.cpp are compiled with -flto (pybind11's default), so their objects hold no
      machine code, and an inline function or template compiled in several ISA units is kept once by the
      linker — if it were an AVX copy, baseline code calling it would crash older CPUs with SIGILL.
-As a self-test of the pattern, the avx2 objects must show ymm + FMA and the avx512 objects zmm.
+As a self-test of the pattern, the avx2 objects must show ymm + FMA, the avx512 objects zmm + FMA and the
+avx512bf16 object zmm + the bf16 dot product (vdpbf16ps).
 And the FMA peak probe of every ISA unit (probe.cpp.o) keeps its chains in registers: no memory operand
 in its arithmetic loops.
 Exit status 0 when clean, 1 with the offending functions and instructions listed otherwise.
@@ -25,7 +26,7 @@ import re
 import subprocess
 import sys
 
-ISA_NAMESPACES = ("fastnn::cpu::avx2::", "fastnn::cpu::avx512::")
+ISA_NAMESPACES = ("fastnn::cpu::avx2::", "fastnn::cpu::avx512::", "fastnn::cpu::avx512bf16::")
 # Past baseline x86-64 (SSE2): AVX/AVX2/AVX-512/FMA/F16C are VEX/EVEX encoded (mnemonics v*, ymm/zmm and
 # mask registers); BMI1/2, LZCNT/TZCNT, POPCNT and MOVBE are separate extensions a -m flag also enables.
 _VEX_MNEMONIC = re.compile(r"^v(?!err|erw)[a-z0-9]+")
@@ -174,13 +175,14 @@ def main(argv):
                 bad.setdefault(function, []).append(mnemonic)
         problems += report(os.path.basename(so), bad)
         print(f"{'ok  ' if not bad else 'FAIL'} {os.path.basename(so)}: {n} instructions, "
-              f"{len(isa_functions)} functions in the avx2/avx512 namespaces may use AVX, all others baseline")
+              f"{len(isa_functions)} functions in the ISA namespaces may use AVX, all others baseline")
         if n == 0:
             print(f"FAIL {so} has no symbols to attribute code to (stripped?)")
             problems += 1
 
     # Self-test: the pattern must see the ISA units' instructions, else it proves nothing.
-    for isa, needle in (("avx2", re.compile(r"%ymm")), ("avx512", re.compile(r"%zmm"))):
+    for isa, needle, arith in (("avx2", re.compile(r"%ymm"), "vfmadd"), ("avx512", re.compile(r"%zmm"), "vfmadd"),
+                               ("avx512bf16", re.compile(r"%zmm"), "vdpbf16ps")):
         objs = glob.glob(os.path.join(objects, f"fastnn_isa_{isa}.dir", "**", "*.o"), recursive=True)
         if not objs:
             continue  # not an x86-64 build
@@ -189,12 +191,12 @@ def main(argv):
         for obj in objs:
             for _, mnemonic, operands in disassemble(obj):
                 seen = seen or bool(needle.search(operands))
-                seen_fma = seen_fma or mnemonic.startswith("vfmadd")
+                seen_fma = seen_fma or mnemonic.startswith(arith)
         if not (seen and seen_fma):
-            print(f"FAIL self-test: the {isa} objects show no {needle.pattern} / vfmadd: the check or the flags are broken")
+            print(f"FAIL self-test: the {isa} objects show no {needle.pattern} / {arith}: the check or the flags are broken")
             problems += 1
         else:
-            print(f"ok   self-test: the {isa} objects use {needle.pattern[1:]} registers and FMA")
+            print(f"ok   self-test: the {isa} objects use {needle.pattern[1:]} registers and {arith}")
 
     problems += check_probe_loops(objects)
 

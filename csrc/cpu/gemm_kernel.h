@@ -101,6 +101,44 @@ inline void pack_b_panel(const S* B, int64_t b_rs, int64_t b_cs, int64_t kc, int
   }
 }
 
+// The micro-kernels' epilogue: C tile (=|+=) acc, + bias, relu; rows past mr skipped, columns past nr
+// masked off (partial loads and stores). The caller pads bias to whole panels.
+template <typename T, int NRV>
+FASTNN_INLINE void store_tile(const Vec<T> (&acc)[kMR][NRV], T* c, int64_t ldc, int64_t mr, int64_t nr,
+                              bool accumulate, const T* bias, bool relu) {
+  constexpr int64_t W = kLanes<T>, NR = NRV * W;
+  if (mr == kMR && nr == NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < kMR; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NRV; ++v) {
+        T* p = c + i * ldc + v * W;
+        Vec<T> r = acc[i][v];
+        if (accumulate) r += vload(p);
+        if (bias) r += vload(bias + v * W);
+        if (relu) r = vrelu(r);
+        vstore(p, r);
+      }
+    }
+    return;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) {
+      const int64_t n = std::clamp<int64_t>(nr - v * W, 0, W);
+      T* p = c + i * ldc + v * W;
+      Vec<T> r = acc[i][v];
+      if (accumulate) r += vload_part(p, n, T(0));
+      if (bias) r += vload(bias + v * W);
+      if (relu) r = vrelu(r);
+      vstore_part(p, r, n);
+    }
+  }
+}
+
+
 // C[0:mr, 0:nr] (=|+=) A_panel * B_panel over kc; then, on the last K block, + bias and relu.
 // A panel element (r, k) is at a[r * a_rs + k * a_cs]: a packed panel has (a_rs, a_cs) = (1, kMR); a
 // row-major A can also be read in place with (lda, 1), which saves packing small products. B panel row k
@@ -130,38 +168,8 @@ inline void micro_kernel(int64_t kc, const T* FASTNN_RESTRICT a, int64_t a_rs, i
       for (int v = 0; v < NRV; ++v) acc[i][v] += av * bv[v];
     }
   }
-  if (mr == kMR && nr == NR) {
-#pragma GCC unroll 16
-    for (int i = 0; i < kMR; ++i) {
-#pragma GCC unroll 4
-      for (int v = 0; v < NRV; ++v) {
-        T* p = c + i * ldc + v * W;
-        Vec<T> r = acc[i][v];
-        if (accumulate) r += vload(p);
-        if (bias) r += vload(bias + v * W);
-        if (relu) r = vrelu(r);
-        vstore(p, r);
-      }
-    }
-    return;
-  }
-  // An edge tile: rows past mr are skipped, and the columns past nr masked off (partial loads and stores).
-#pragma GCC unroll 16
-  for (int i = 0; i < kMR; ++i) {
-    if (i >= mr) break;
-#pragma GCC unroll 4
-    for (int v = 0; v < NRV; ++v) {
-      const int64_t n = std::clamp<int64_t>(nr - v * W, 0, W);
-      T* p = c + i * ldc + v * W;
-      Vec<T> r = acc[i][v];
-      if (accumulate) r += vload_part(p, n, T(0));
-      if (bias) r += vload(bias + v * W);  // the caller pads bias to whole panels
-      if (relu) r = vrelu(r);
-      vstore_part(p, r, n);
-    }
-  }
+  store_tile<T, NRV>(acc, c, ldc, mr, nr, accumulate, bias, relu);
 }
-
 
 // Whole-operand helpers for small in-cache products (attention tiles): pack every row panel of a
 // rows x kc operand A, every column panel of a kc x cols operand B, and run all micro-tiles of C.

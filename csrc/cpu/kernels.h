@@ -83,6 +83,8 @@ struct AdamHalfArgs {
   bool half_states = false, bf16 = false;
 };
 
+enum PeakKind { kPeakF32 = 0, kPeakF64 = 1, kPeakBf16Dot = 2 };
+
 template <typename T> struct OpTable {
   void (*relu)(const T* x, T* y, int64_t n);
   void (*relu_backward)(const T* g, const T* x, T* out, int64_t n);
@@ -124,8 +126,9 @@ struct KernelTable {
   // C = A @ B (+ bias, relu) as GemmArgs<float> says, but A and B (args.A / args.B unused) are 16-bit arrays
   // with args' strides and offsets, widened to float32 while the panels are packed; C and bias are float32.
   void (*half_gemm)(const GemmArgs<float>& args, const uint16_t* A, const uint16_t* B, bool bf16);
-  // Machine-limit probes (probe.cpp), for the benchmark.
-  double (*probe_peak_gflops)(int threads, bool f64);
+  // Machine-limit probes (probe.cpp), for the benchmark. The peak of kind kPeakF32 / kPeakF64 (vector FMA)
+  // or kPeakBf16Dot (the AVX512-BF16 pair dot product: 0 on paths without it).
+  double (*probe_peak_gflops)(int threads, int kind);
   double (*probe_bandwidth_gbs)(int pattern, int threads, int64_t bytes, int reps);
 };
 
@@ -133,6 +136,7 @@ struct KernelTable {
 namespace generic { const KernelTable& kernel_table(); }
 namespace avx2 { const KernelTable& kernel_table(); }
 namespace avx512 { const KernelTable& kernel_table(); }
+namespace avx512bf16 { const KernelTable& kernel_table(); }  // avx512's, with the bf16 product on AVX512-BF16
 
 // dispatch.cpp: the table in use, chosen at import (FASTNN_CPU_ISA may force a lower path).
 const KernelTable& kernels();

@@ -30,7 +30,7 @@ void softmax_backward_half(const uint16_t* g, const uint16_t* y, uint16_t* out, 
 void adam_half(const AdamHalfArgs& args);
 void gemm_half(const GemmArgs<float>& args, const uint16_t* A, const uint16_t* B, bool bf16);
 
-double probe_peak_gflops(int threads, bool f64);
+double probe_peak_gflops(int threads, int kind);
 double probe_bandwidth_gbs(int pattern, int threads, int64_t bytes, int reps);
 
 // The plainest correct GEMM (triple loop), kept beside the packed one: tests compare both.

@@ -71,8 +71,9 @@ template <typename T> double peak_gflops(int nt) {
 
 }  // namespace
 
-double probe_peak_gflops(int threads, bool f64) {
-  return f64 ? peak_gflops<double>(threads) : peak_gflops<float>(threads);
+double probe_peak_gflops(int threads, int kind) {
+  if (kind == kPeakBf16Dot) return 0;  // this path has no bf16 dot product (gemm_bf16.cpp's has)
+  return kind == kPeakF64 ? peak_gflops<double>(threads) : peak_gflops<float>(threads);
 }
 
 // pattern 0: copy b = a; 1: in place a = a * c; 2: Adam-like p, m, v updated from g (4 reads, 3 writes).

@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import fastnn
 
-PATHS = ("generic", "avx2", "avx512")
+PATHS = ("generic", "avx2", "avx512", "avx512bf16")
 
 # What makes each peer run one instruction set, set before it loads: NumPy's OpenBLAS (its kernel
 # family; Nehalem is its newest without AVX, the nearest to fastnn's SSE2 baseline), and PyTorch's own
@@ -22,6 +22,10 @@ PEER_ENV: Dict[str, Dict[str, str]] = {
              "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "avx512": {"OPENBLAS_CORETYPE": "SkylakeX", "ATEN_CPU_CAPABILITY": "avx512",
                "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    # avx512 plus the bf16 dot product: OpenBLAS's Cooper Lake kernels (its bf16 family), ATen's avx512
+    # (its highest), and oneDNN, which runs PyTorch's bfloat16 matmul, allowed the AVX512-BF16 instructions.
+    "avx512bf16": {"OPENBLAS_CORETYPE": "Cooperlake", "ATEN_CPU_CAPABILITY": "avx512",
+                   "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
 }
 # Set in each child: the path its peers were forced to (the report says so instead of warning that
 # OPENBLAS_CORETYPE is set).

@@ -8,7 +8,9 @@ import fastnn
 
 def machine_limits(threads=None, quick=False) -> dict:
     """What this machine can do, measured by the compiled probes on the ISA path in use: peak_gflops_f32
-    and peak_gflops_f64 (independent register FMA chains on every thread), mem_copy_gbs, mem_rw_gbs
+    and peak_gflops_f64 (independent register FMA chains on every thread), peak_gflops_bf16 (the
+    AVX512-BF16 dot product's on the avx512bf16 path; elsewhere = peak_gflops_f32, the rate of bfloat16
+    products widened to float32), mem_copy_gbs, mem_rw_gbs
     (in place) and mem_adam_gbs (4 reads / 3 writes), on arrays far beyond the last-level cache;
     plus threads, source (how each figure was obtained) and model_peak_gflops_f32, the float32 peak
     from the clock (model_peak_gflops; None when the clock is unknown)."""
@@ -19,7 +21,7 @@ def machine_limits(threads=None, quick=False) -> dict:
     return limits
 
 
-LIMIT_NAMES = {"peak_gflops_f32": "peak", "peak_gflops_f64": "peak64", "mem_copy_gbs": "copy",
+LIMIT_NAMES = {"peak_gflops_f32": "peak", "peak_gflops_f64": "peak64", "peak_gflops_bf16": "peak bf16", "mem_copy_gbs": "copy",
                "mem_rw_gbs": "rw", "mem_adam_gbs": "adam"}
 
 
@@ -28,7 +30,7 @@ LIMIT_NAMES = {"peak_gflops_f32": "peak", "peak_gflops_f64": "peak64", "mem_copy
 # where the model overstates the AVX-512 peak by 2x. Generic (SSE2) path: one mul and one add pipe
 # counted as one FMA pipe of 4 lanes, twice.
 FMA_PIPES = 2
-LANES_F32 = {"generic": 4, "avx2": 8, "avx512": 16}
+LANES_F32 = {"generic": 4, "avx2": 8, "avx512": 16, "avx512bf16": 16}
 
 
 def cpu_clock_ghz():

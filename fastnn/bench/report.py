@@ -86,6 +86,12 @@ def _torch_kernels(results: dict) -> str:
     return f" ({', '.join(f'{names[k]} {v}' for k, v in kernels.items())})" if kernels else ""
 
 
+def _bf16_peak(lim: dict) -> str:
+    """The bf16 dot product's peak, where the path has one (older result files lack the key)."""
+    bf16 = lim.get("peak_gflops_bf16")
+    return f", {bf16:.0f} bfloat16 dot product" if bf16 and bf16 != lim["peak_gflops_f32"] else ""
+
+
 def _limits_line(lim: dict) -> str:
     model, isa = lim.get("model_peak_gflops_f32"), lim.get("isa")
     clock = implied_clock_ghz(lim["peak_gflops_f32"] / lim["threads"], isa) if isa else None
@@ -96,7 +102,7 @@ def _limits_line(lim: dict) -> str:
     else:
         model = ""
     return (f"limits ({_plural(lim['threads'], 'thread')}): FMA peak {lim['peak_gflops_f32']:.0f} GFLOP/s "
-            f"float32{model}, {lim['peak_gflops_f64']:.0f} float64; memory: copy {lim['mem_copy_gbs']:.1f} GB/s, "
+            f"float32{model}, {lim['peak_gflops_f64']:.0f} float64{_bf16_peak(lim)}; memory: copy {lim['mem_copy_gbs']:.1f} GB/s, "
             f"in place {lim['mem_rw_gbs']:.1f} GB/s, Adam 4r/3w {lim['mem_adam_gbs']:.1f} GB/s")
 
 
