@@ -109,7 +109,7 @@ template <typename T> void adam_multi(const AdamArgs<T>* args, int64_t count) {
 // and rounded back, so the arrays move at half width and the arithmetic is the float32 step's.
 constexpr int64_t kHalfBlock = 512;
 
-static void adam_half_range(const AdamHalfArgs& a, int64_t b, int64_t e) {
+static void adam_half_range(const AdamHalfArgs a, int64_t b, int64_t e) {  // a copy per thread
   alignas(64) float p[kHalfBlock], g[kHalfBlock], m[kHalfBlock], v[kHalfBlock], vm[kHalfBlock];
   const bool ams = a.half_states ? a.vmax16 != nullptr : a.h.max_exp_avg_sq != nullptr;
   for (int64_t i = b; i < e; i += kHalfBlock) {

@@ -242,7 +242,9 @@ template <typename F> static void half_row_blocks(int64_t rows, int64_t cols, in
   const int64_t stride = round_up(block * cols, 16);
   std::unique_ptr<float[]> ws(new float[static_cast<size_t>(nt * nbuf * stride + 16)]);
   float* base = ws.get() + (16 - int64_t(reinterpret_cast<uintptr_t>(ws.get()) % 64) / 4) % 16;
-  parallel_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
+  // f and the sizes are copied into each piece: read through the caller's frame, they shared cache lines
+  // with what the calling thread writes while it works on its own pieces.
+  parallel_ranges(blocks, nt, [=](int64_t b0, int64_t b1) {
     float* buf = base + thread_index() * nbuf * stride;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t rb = b * block;
@@ -252,7 +254,8 @@ template <typename F> static void half_row_blocks(int64_t rows, int64_t cols, in
 }
 
 void softmax_half(const uint16_t* x, uint16_t* y, int64_t rows, int64_t cols, bool log, bool bf16) {
-  half_row_blocks(rows, cols, 1, [&](int64_t rb, int64_t re, float* buf, int64_t) {
+  // [=]: each thread gets its own copy of the pointers (see half_row_blocks).
+  half_row_blocks(rows, cols, 1, [=](int64_t rb, int64_t re, float* buf, int64_t) {
     const int64_t n = (re - rb) * cols;
     widen_range(x + rb * cols, buf, 0, n, bf16);
     softmax_rows<float>(buf, buf, 0, re - rb, cols, log, false);
@@ -262,7 +265,7 @@ void softmax_half(const uint16_t* x, uint16_t* y, int64_t rows, int64_t cols, bo
 
 void softmax_backward_half(const uint16_t* g, const uint16_t* y, uint16_t* out, int64_t rows, int64_t cols, bool log,
                            bool bf16) {
-  half_row_blocks(rows, cols, 2, [&](int64_t rb, int64_t re, float* buf, int64_t stride) {
+  half_row_blocks(rows, cols, 2, [=](int64_t rb, int64_t re, float* buf, int64_t stride) {
     const int64_t n = (re - rb) * cols;
     float* gb = buf;
     float* yb = buf + stride;
