@@ -573,28 +573,32 @@ py::object cross_entropy_fast(const py::array& logits, const py::object& labels_
 
 // Fills the forward arguments shared by sdpa and sdpa_backward, checking every stride/offset against
 // the arrays' extents.
-template <typename T>
+// Elem: the element type of q, k and v (T, or uint16_t: bfloat16 bits, for sdpa_bf16, whose a.Q/K/V stay null).
+template <typename T, typename Elem = T>
 void fill_sdpa(SdpaArgs<T>& a, const py::array& q, const py::array& k, const py::array& v, const Offsets& q_off,
                const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t q_rs,
                int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off, int64_t m_rs, int64_t m_cs,
                bool causal, double scale) {
-  if (!is_dtype<T>(k)) throw py::type_error("key: dtype does not match query");
-  if (!is_dtype<T>(v)) throw py::type_error("value: dtype does not match query");
+  if (!is_dtype<Elem>(k)) throw py::type_error("key: dtype does not match query");
+  if (!is_dtype<Elem>(v)) throw py::type_error("value: dtype does not match query");
   if (L < 0 || S < 0 || E < 0 || Ev < 0) value_error("sdpa: negative size");
   const int64_t batch = q_off.size();
   a.batch = batch, a.L = L, a.S = S, a.E = E, a.Ev = Ev;
-  a.Q = static_cast<const T*>(q.data()), a.q_off = offsets(q_off, batch, "q_off"), a.q_rs = q_rs;
-  a.K = static_cast<const T*>(k.data()), a.k_off = offsets(k_off, batch, "k_off"), a.k_rs = k_rs;
-  a.V = static_cast<const T*>(v.data()), a.v_off = offsets(v_off, batch, "v_off"), a.v_rs = v_rs;
+  if constexpr (std::is_same_v<Elem, T>) {
+    a.Q = static_cast<const T*>(q.data()), a.K = static_cast<const T*>(k.data()), a.V = static_cast<const T*>(v.data());
+  }
+  a.q_off = offsets(q_off, batch, "q_off"), a.q_rs = q_rs;
+  a.k_off = offsets(k_off, batch, "k_off"), a.k_rs = k_rs;
+  a.v_off = offsets(v_off, batch, "v_off"), a.v_rs = v_rs;
   auto span = [&](const py::array& arr, const int64_t* off, int64_t rs, int64_t r, int64_t cs, int64_t c,
                   const char* name, int64_t itemsize) {
     if (batch == 0 || r == 0 || c == 0) return;
     if (rs < 0 || cs < 0) value_error(std::string(name) + ": negative strides must be resolved by the caller");
     check_batched_span(arr, name, off, batch, rs, r, cs, c, itemsize);
   };
-  span(q, a.q_off, q_rs, L, 1, E, "query", sizeof(T));
-  span(k, a.k_off, k_rs, S, 1, E, "key", sizeof(T));
-  span(v, a.v_off, v_rs, S, 1, Ev, "value", sizeof(T));
+  span(q, a.q_off, q_rs, L, 1, E, "query", sizeof(Elem));
+  span(k, a.k_off, k_rs, S, 1, E, "key", sizeof(Elem));
+  span(v, a.v_off, v_rs, S, 1, Ev, "value", sizeof(Elem));
   if (!mask.is_none()) {
     py::array m = mask.cast<py::array>();
     a.m_off = offsets(m_off, batch, "m_off"), a.m_rs = m_rs, a.m_cs = m_cs;
@@ -638,6 +642,30 @@ void sdpa(const py::array& q, const py::array& k, const py::array& v, const py::
     py::gil_scoped_release nogil;
     ops<T>().sdpa(a);
   });
+}
+
+// The attention forward on bfloat16 q, k, v (uint16 views of their bits) with the AVX512-BF16 dot product,
+// into float32 out (and lse); mask bool or float32. Returns False when the path has no such kernel or an
+// operand is outside its exact range: the caller then widens and calls sdpa (out is to be discarded).
+bool sdpa_bf16(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
+               const Offsets& q_off, const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E,
+               int64_t Ev, int64_t q_rs, int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off,
+               int64_t m_rs, int64_t m_cs, bool causal, double scale, const py::object& lse,
+               const py::object& dropout) {
+  const auto kernel = kernels().bf16_sdpa;
+  if (!kernel) return false;
+  if (!is_dtype<uint16_t>(q)) throw py::type_error("query: expected the uint16 bits of a bfloat16 array");
+  SdpaArgs<float> a;
+  fill_sdpa<float, uint16_t>(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs,
+                             causal, scale);
+  a.O = contig<float>(out, "out", a.batch * L * Ev, true), a.o_bs = L * Ev;
+  if (!lse.is_none()) a.lse = contig<float>(lse.cast<py::array>(), "lse", a.batch * L, true);
+  fill_dropout(a, dropout);
+  const auto* qp = static_cast<const uint16_t*>(q.data());
+  const auto* kp = static_cast<const uint16_t*>(k.data());
+  const auto* vp = static_cast<const uint16_t*>(v.data());
+  py::gil_scoped_release nogil;
+  return kernel(a, qp, kp, vp);
 }
 
 void sdpa_backward(const py::array& q, const py::array& k, const py::array& v, const Offsets& q_off,
@@ -808,6 +836,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v_off"), py::arg("L"), py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"), py::arg("k_rs"),
         py::arg("v_rs"), py::arg("mask"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"), py::arg("causal"),
         py::arg("scale"), py::arg("lse"), py::arg("dropout") = py::none());
+  m.def("sdpa_bf16", &sdpa_bf16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("q_off"),
+        py::arg("k_off"), py::arg("v_off"), py::arg("L"), py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"),
+        py::arg("k_rs"), py::arg("v_rs"), py::arg("mask"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"),
+        py::arg("causal"), py::arg("scale"), py::arg("lse"), py::arg("dropout") = py::none());
   m.def("sdpa_backward", &sdpa_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_off"), py::arg("k_off"),
         py::arg("v_off"), py::arg("L"), py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"), py::arg("k_rs"),
         py::arg("v_rs"), py::arg("mask"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"), py::arg("causal"),
@@ -827,6 +859,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("machine_limits", &machine_limits, py::arg("threads"), py::arg("quick") = false);
   m.def("set_isa", [](const std::string& name) { return set_isa(name.c_str()); });
   m.def("isa", []() { return std::string(isa_in_use()); });
+  m.def("bf16_attention", []() { return kernels().bf16_sdpa != nullptr; });
   m.def("isa_supported", []() { return std::string(isa_supported()); });
   m.def("set_num_threads", [](int n) { set_num_threads(n); });
   m.def("get_num_threads", []() { return num_threads(); });

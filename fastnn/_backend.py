@@ -145,6 +145,12 @@ class Cpu:
     # the results are rounded back to nearest even (narrow): every sum and dot product in float32.
     half = staticmethod(is_half)
     widen = staticmethod(widen)
+
+    @staticmethod
+    def bf16_dot(dtype) -> bool:
+        """Whether the attention forward reads `dtype` operands without widening them: bfloat16 on the
+        avx512bf16 path (the AVX512-BF16 dot product)."""
+        return is_bf16(dtype) and _C.bf16_attention()
     narrow = staticmethod(narrow)
 
     @staticmethod
@@ -214,8 +220,14 @@ class Cpu:
 
     @staticmethod
     def sdpa(at, out, lse, drop):
-        if is_half(out.dtype):  # the plan widened q, k, v and a float mask; lse is float32
+        if is_half(out.dtype):  # the plan widened a float mask, and q, k, v unless bf16_dot; lse is float32
             o32 = np.empty(out.shape, np.float32)
+            if is_half(at.q.dtype):  # bfloat16 on the dot product; an operand out of its range: widened after all
+                q, k, v = (a.view(np.uint16) for a in (at.q, at.k, at.v))  # the operands' strides and offsets
+                if _C.sdpa_bf16(q, k, v, o32, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
+                                at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale, lse, drop):
+                    return narrow(o32, out)
+                at.plan()
             _C.sdpa(at.q, at.k, at.v, o32, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
                     at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale, lse, drop)
             return narrow(o32, out)

@@ -664,12 +664,14 @@ class _Attention:
         self.q_shape, self.k_shape, self.v_shape = q.shape, k.shape, v.shape
         self.attn_mask = attn_mask
 
-    def plan(self):
+    def plan(self, dot=False):
         """Kernel layouts: unit stride in the last dim, non-negative strides (copied only if needed), and
-        each operand's element offsets over the broadcast batch (allocates: call inside bk.scope())."""
+        each operand's element offsets over the broadcast batch (allocates: call inside bk.scope()).
+        dot: the forward, which on a CPU with the bfloat16 dot product reads bfloat16 q, k, v as they are."""
         bk, q, k, v = self.bk, *self.operands
         if bk.half(self.dtype):  # float16 / bfloat16 on the CPU: the float32 kernels on widened copies
-            q, k, v = bk.widen(q), bk.widen(k), bk.widen(v)
+            if not (dot and bk.bf16_dot(self.dtype)):
+                q, k, v = bk.widen(q), bk.widen(k), bk.widen(v)
             if self.attn_mask is not None and self.attn_mask.dtype == self.dtype:
                 self.attn_mask = bk.widen(self.attn_mask)
         q, k, v = _rows_unit(bk, q), _rows_unit(bk, k), _rows_unit(bk, v)
@@ -761,7 +763,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out = bk.xp.empty(at.batch + (at.L, at.Ev), at.dtype)
         lse = bk.xp.empty(at.batch + (at.L,), bk.lse_dtype(at.dtype)) if return_lse else None
         if not at.empty() and (out.size or lse is not None):  # Ev == 0 still has an lse
-            bk.sdpa(at.plan(), out.reshape(at.nbatch, at.L, at.Ev),
+            bk.sdpa(at.plan(dot=True), out.reshape(at.nbatch, at.L, at.Ev),
                     None if lse is None else lse.reshape(at.nbatch, at.L), drop)
         elif lse is not None:
             lse.fill(-np.inf)

@@ -205,6 +205,7 @@ def _gemm32(a, b):
 
 
 def _on(isa, f, *args):
+    """f(*args) with the kernel path isa."""
     old = fastnn.cpu_isa()
     fastnn.set_cpu_isa(isa)
     try:
@@ -319,6 +320,46 @@ def test_attention_forward_backward(isa, threads, rng, dtype, case):
 
 def L_of(qshape):
     return qshape[-2]
+
+
+# The avx512bf16 attention forward: both products on the dot product, the probabilities rounded to bfloat16
+# for P V (relative 2^-9 each: within the output's own rounding, 2^-9, so the forward bound still holds).
+BF16_ATTN = [  # (q shape, S, Ev, extra): several query and key blocks (64 queries, 128 keys per block)
+    ((2, 150, 64), 300, 40, {}),
+    ((1, 2, 130, 33), 257, 7, {"is_causal": True}),
+    ((1, 70, 1), 129, 65, {"is_causal": True}),     # L < S: the causal rule aligned to the top left
+    ((2, 4, 65, 16), 200, 16, {"enable_gqa": True, "kv_heads": 2, "mask": "bool"}),
+    ((3, 80, 24), 131, 32, {"mask": "float", "dropout_p": 0.3}),
+]
+
+
+@needs_bf16_path
+@pytest.mark.parametrize("case", range(len(BF16_ATTN)))
+def test_bf16_attention_forward_on_the_dot_product(threads, rng, case):
+    qshape, S, Ev, extra = BF16_ATTN[case]
+    q, k, v, kw = attn_inputs(rng, BF16, qshape, S, Ev, extra)
+    if "dropout_p" in kw:
+        kw["rng"] = 11
+    E = qshape[-1]
+    out, lse = _on("avx512bf16", lambda: fastnn.scaled_dot_product_attention(q, k, v, return_lse=True, **kw))[:2]
+    want = ref.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+    close(out, want[0], BF16, S + E)
+    assert_close(lse, want[1].astype(np.float64), np.float32, E + S, check_dtype=False)
+
+
+@needs_bf16_path
+@pytest.mark.parametrize("case", list(OUTSIDE))
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+def test_bf16_attention_leaves_what_it_would_get_wrong_to_float32(rng, case, where):
+    # An operand with a value outside the dot product's exact range: the whole call runs the float32 kernel
+    # on widened copies, so it is the avx512 path's result bit for bit (NaN and inf as PyTorch defines them).
+    q, k, v = half(rng, (2, 70, 20), BF16), half(rng, (2, 140, 20), BF16), half(rng, (2, 140, 12), BF16)
+    {"query": q, "key": k, "value": v}[where][1, 5, 3] = OUTSIDE[case][0]
+    for causal in (False, True):
+        a = _on("avx512", lambda: fastnn.scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True))
+        b = _on("avx512bf16", lambda: fastnn.scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True))
+        np.testing.assert_array_equal(b[0].view(np.uint16), a[0].view(np.uint16))
+        np.testing.assert_array_equal(b[1], a[1])
 
 
 @pytest.mark.parametrize("dtype", HALF)

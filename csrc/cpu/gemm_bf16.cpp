@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/bf16_pairs.h"
 #include "cpu/gemm_driver.h"
 #include "cpu/gemm_kernel.h"
 #include "cpu/half.h"
@@ -24,201 +25,6 @@
 namespace fastnn::cpu::FASTNN_ISA {
 
 namespace {
-
-// |h| (bits) zero, or with a biased exponent in [72, 190): 2^-55 <= |x| < 2^63.
-constexpr uint16_t kLowBits = 72 << 7, kRangeBits = (190 - 72) << 7;
-FASTNN_INLINE bool in_range(uint16_t h) {
-  const uint16_t t = h & 0x7fff;
-  return t == 0 || uint16_t(t - kLowBits) < kRangeBits;
-}
-
-// Lanes of v (32 bf16) outside the range.
-FASTNN_INLINE __mmask32 out_of_range(__m512i v) {
-  const __m512i t = _mm512_and_si512(v, _mm512_set1_epi16(0x7fff));
-  return _mm512_test_epi16_mask(t, t) &
-         _mm512_cmp_epu16_mask(_mm512_sub_epi16(t, _mm512_set1_epi16(kLowBits)), _mm512_set1_epi16(kRangeBits),
-                               _MM_CMPINT_NLT);
-}
-
-using Word = uint32_t __attribute__((may_alias));
-
-// The K pairs of `rows` (<= 16) rows of bf16, row r at src + r * ld, elements [k0, k0 + 32) clipped to kc
-// (zero past it, so an odd kc ends with a zero-padded pair), transposed: pair p of row r goes to
-// dst[p * dst_ld + r], for p in [0, 16) and r in [0, rows_out) (rows past `rows` zero). One 16 x 16
-// transpose of 32-bit words in registers (two unpack stages within 128-bit lanes, two lane shuffles).
-// Returns the lanes outside the dot product's range (see in_range).
-template <int kRowsOut>
-FASTNN_INLINE __mmask32 transpose_pairs(const uint16_t* src, int64_t ld, int64_t rows, int64_t k0, int64_t kc,
-                                        Word* dst, int64_t dst_ld) {
-  const __mmask32 m = kc - k0 >= 32 ? ~__mmask32(0) : __mmask32((1u << (kc - k0)) - 1);
-  __m512i r[16], t[16];
-  __mmask32 bad = 0;
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) {
-    r[i] = i < rows ? _mm512_maskz_loadu_epi16(m, src + i * ld + k0) : _mm512_setzero_si512();
-    bad |= out_of_range(r[i]);
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  // r[4i + j], 128-bit lane L: word 4L + j of rows 4i .. 4i + 3.
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-#pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) {
-    const __m512i x_lo = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), x_hi = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xee);
-    const __m512i y_lo = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
-    const __m512i y_hi = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xee);
-    const __m512i out[4] = {_mm512_shuffle_i32x4(x_lo, y_lo, 0x88), _mm512_shuffle_i32x4(x_lo, y_lo, 0xdd),
-                            _mm512_shuffle_i32x4(x_hi, y_hi, 0x88), _mm512_shuffle_i32x4(x_hi, y_hi, 0xdd)};
-#pragma GCC unroll 4
-    for (int L = 0; L < 4; ++L) {  // the 16 words of pair 4L + j, one per row
-      Word* d = dst + (4 * L + j) * dst_ld;
-      if constexpr (kRowsOut == 16)
-        _mm512_storeu_si512(d, out[L]);
-      else
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_castsi512_si256(out[L]));
-    }
-  }
-  return bad;
-}
-
-// Panels of bf16 in K pairs, NRV vectors of 16 float32 lanes wide:
-//   A panel: element (r, k) at [(k / 2 * kMR + r) * 2 + k % 2]: row r's pair k/2 is one 32-bit word;
-//   B panel: element (k, c) at [(k / 2 * NR + c) * 2 + k % 2]: a vector load is 16 columns' pairs.
-// An odd last k and rows / columns past the edge are zero.
-template <int NRV> struct PairPanels {
-  using P = uint16_t;
-  // K blocks of 512: a packed B panel (512 x 32 bf16) is 32 KiB, as the float32 one of 256 x 32; and the
-  // epilogue (C read and written) is paid per 512 K instead of 256 (1024^3: 209 GFLOP/s on one core, 204 with 256).
-  static constexpr int64_t NR = NRV * 16, KC = 2 * kKC;
-  static constexpr int64_t depth(int64_t kc) { return round_up(kc, 2); }
-  std::atomic<bool> outside{false};
-
-  void flag(bool bad) {
-    if (bad) outside.store(true, std::memory_order_relaxed);
-  }
-  bool usable() const { return !outside.load(std::memory_order_relaxed); }
-
-  void pack_a(const Bf16* A, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, uint16_t* dst) {
-    static_assert(kMR == 8, "pack_a transposes 8-row panels");
-    if (a_cs == 1) {  // rows contiguous: 16 pairs of the 8 rows at a time, transposed in registers
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(A);
-      Word* d = reinterpret_cast<Word*>(dst);
-      __mmask32 bad = 0;
-      // Whole groups of 16 pairs write 16 x 8 words; the last writes only the pairs the panel has.
-      int64_t k0 = 0;
-      for (; k0 + 32 <= kc; k0 += 32) bad |= transpose_pairs<kMR>(src, a_rs, rows, k0, kc, d + k0 / 2 * kMR, kMR);
-      if (k0 < kc) {
-        alignas(64) Word tail[16 * kMR];
-        bad |= transpose_pairs<kMR>(src, a_rs, rows, k0, kc, tail, kMR);
-        std::memcpy(d + k0 / 2 * kMR, tail, sizeof(Word) * kMR * ((kc - k0 + 1) / 2));
-      }
-      flag(bad != 0);
-      return;
-    }
-    if (rows < kMR || kc % 2) std::memset(dst, 0, sizeof(uint16_t) * kMR * depth(kc));
-    bool bad = false;
-    for (int64_t r = 0; r < rows; ++r) {
-      const Bf16* src = A + r * a_rs;
-      for (int64_t k = 0; k < kc; ++k) {
-        const uint16_t h = src[k * a_cs].bits;
-        bad |= !in_range(h);
-        dst[(k / 2 * kMR + r) * 2 + k % 2] = h;
-      }
-    }
-    flag(bad);
-  }
-
-  void pack_b(const Bf16* B, int64_t b_rs, int64_t b_cs, int64_t kc, int64_t cols, uint16_t* dst) {
-    if (b_cs == 1) {  // rows contiguous: two rows' 32-column (or fewer) slices interleaved into pairs
-      __mmask32 bad = 0;
-      const __mmask32 m = cols >= 32 ? ~__mmask32(0) : __mmask32((1u << cols) - 1);  // cols <= NR
-      const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-      const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-      for (int64_t k = 0; k < kc; k += 2) {
-        const __m512i r0 = _mm512_maskz_loadu_epi16(m, B + k * b_rs);
-        const __m512i r1 = k + 1 < kc ? _mm512_maskz_loadu_epi16(m, B + (k + 1) * b_rs) : _mm512_setzero_si512();
-        bad |= out_of_range(r0) | out_of_range(r1);
-        uint16_t* d = dst + k / 2 * NR * 2;
-        _mm512_store_si512(d, _mm512_permutex2var_epi16(r0, lo, r1));  // columns 0-15
-        if constexpr (NRV == 2) _mm512_store_si512(d + 32, _mm512_permutex2var_epi16(r0, hi, r1));  // 16-31
-      }
-      flag(bad != 0);
-      return;
-    }
-    if (b_rs == 1) {  // columns contiguous (x @ w.T): 16 columns x 16 pairs at a time, transposed
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(B);
-      Word* d = reinterpret_cast<Word*>(dst);
-      __mmask32 bad = 0;
-      for (int64_t c0 = 0; c0 < NR; c0 += 16) {
-        const int64_t n = std::clamp<int64_t>(cols - c0, 0, 16);
-        int64_t k0 = 0;
-        for (; k0 + 32 <= kc; k0 += 32)
-          bad |= transpose_pairs<16>(src + c0 * b_cs, b_cs, n, k0, kc, d + k0 / 2 * NR + c0, NR);
-        if (k0 < kc) {
-          alignas(64) Word tail[16 * 16];
-          bad |= transpose_pairs<16>(src + c0 * b_cs, b_cs, n, k0, kc, tail, 16);
-          for (int64_t p = 0; p < (kc - k0 + 1) / 2; ++p)
-            std::memcpy(d + (k0 / 2 + p) * NR + c0, tail + p * 16, sizeof(Word) * 16);
-        }
-      }
-      flag(bad != 0);
-      return;
-    }
-    if (cols < NR || kc % 2) std::memset(dst, 0, sizeof(uint16_t) * NR * depth(kc));
-    bool bad = false;
-    for (int64_t c = 0; c < cols; ++c) {  // columns contiguous (b_rs == 1: x @ w.T) or any strides
-      const Bf16* src = B + c * b_cs;
-      for (int64_t k = 0; k < kc; ++k) {
-        const uint16_t h = src[k * b_rs].bits;
-        bad |= !in_range(h);
-        dst[(k / 2 * NR + c) * 2 + k % 2] = h;
-      }
-    }
-    flag(bad);
-  }
-
-  // C tile (=|+=) A panel * B panel over kc (packed panels only: a_rs, a_cs unused).
-  FASTNN_INLINE void kernel(int64_t kc, const uint16_t* FASTNN_RESTRICT a, int64_t, int64_t,
-                            const uint16_t* FASTNN_RESTRICT b, float* c, int64_t ldc, int64_t mr, int64_t nr,
-                            bool accumulate, const float* bias, bool relu) {
-    for (int64_t i = 0; i < mr; ++i)
-      for (int v = 0; v < NRV; ++v) __builtin_prefetch(c + i * ldc + v * 16, 1);
-    __m512 acc[kMR][NRV];
-#pragma GCC unroll 16
-    for (int i = 0; i < kMR; ++i)
-#pragma GCC unroll 4
-      for (int v = 0; v < NRV; ++v) acc[i][v] = _mm512_setzero_ps();
-    const Word* aw = reinterpret_cast<const Word*>(a);
-    const int64_t pairs = (kc + 1) / 2;
-    for (int64_t p = 0; p < pairs; ++p) {
-      __m512bh bv[NRV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NRV; ++v) bv[v] = (__m512bh)_mm512_load_si512(b + (p * NR + v * 16) * 2);
-#pragma GCC unroll 16
-      for (int i = 0; i < kMR; ++i) {
-        const __m512bh av = (__m512bh)_mm512_set1_epi32(int(aw[p * kMR + i]));
-#pragma GCC unroll 4
-        for (int v = 0; v < NRV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
-      }
-    }
-    Vec<float> out[kMR][NRV];
-#pragma GCC unroll 16
-    for (int i = 0; i < kMR; ++i)
-#pragma GCC unroll 4
-      for (int v = 0; v < NRV; ++v) out[i][v] = (Vec<float>)acc[i][v];
-    store_tile<float, NRV>(out, c, ldc, mr, nr, accumulate, bias, relu);
-  }
-};
 
 void gemm_half(const GemmArgs<float>& g, const uint16_t* A, const uint16_t* B, bool bf16) {
   if (bf16) {
@@ -270,12 +76,15 @@ double probe_peak_gflops(int nt, int kind) {
 
 }  // namespace
 
+bool attention_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V);  // sdpa_bf16.cpp
+
 const KernelTable& kernel_table() {
   static const KernelTable table = [] {
     KernelTable t = avx512::kernel_table();
     t.isa = "avx512bf16";
     t.half_gemm = gemm_half;
     t.probe_peak_gflops = probe_peak_gflops;
+    t.bf16_sdpa = attention_bf16;
     return t;
   }();
   return table;

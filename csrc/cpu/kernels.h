@@ -126,6 +126,10 @@ struct KernelTable {
   // C = A @ B (+ bias, relu) as GemmArgs<float> says, but A and B (args.A / args.B unused) are 16-bit arrays
   // with args' strides and offsets, widened to float32 while the panels are packed; C and bias are float32.
   void (*half_gemm)(const GemmArgs<float>& args, const uint16_t* A, const uint16_t* B, bool bf16);
+  // Attention forward on bfloat16 Q, K, V (args' Q, K, V unused; its mask, when float, is float32): true when
+  // done, false (the output to be discarded) when an operand is outside the dot product's exact range.
+  // Null on paths without the AVX512-BF16 dot product (the caller widens to float32 and calls sdpa).
+  bool (*bf16_sdpa)(const SdpaArgs<float>& args, const uint16_t* Q, const uint16_t* K, const uint16_t* V);
   // Machine-limit probes (probe.cpp), for the benchmark. The peak of kind kPeakF32 / kPeakF64 (vector FMA)
   // or kPeakBf16Dot (the AVX512-BF16 pair dot product: 0 on paths without it).
   double (*probe_peak_gflops)(int threads, int kind);

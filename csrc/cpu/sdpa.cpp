@@ -23,43 +23,12 @@
 #include "cpu/ops.h"
 #include "cpu/parallel.h"
 #include "cpu/philox.h"
+#include "cpu/sdpa_tile.h"
 #include "cpu/simd.h"
 
 namespace fastnn::cpu::FASTNN_ISA {
 
 namespace {
-
-constexpr int64_t kBq = 8 * kMR;  // queries per block: whole A panels (backward); a multiple of NR and of the lanes
-template <typename T> constexpr int64_t kBc = 4 * kNR<T>;  // keys per block in the backward: whole B panels
-constexpr int64_t kFc = 16 * kMR;  // keys per block in the forward: whole A panels of K
-
-static_assert(kFc % 4 == 0, "dropout: forward key tiles must start at multiples of 4");
-
-// Zeroes the lanes of kU32Lanes consecutive values where keep is 0.
-FASTNN_INLINE void drop_lanes(float* p, I32Vec keep) { vstore(p, keep ? vload(p) : Vec<float>{}); }
-FASTNN_INLINE void drop_lanes(double* p, I32Vec keep) {
-  typedef int32_t Half __attribute__((vector_size(FASTNN_VEC_BYTES / 2)));
-  Half h[2];
-  std::memcpy(h, &keep, sizeof keep);
-  for (int k = 0; k < 2; ++k) {
-    const IVec<double> m = __builtin_convertvector(h[k], IVec<double>);
-    double* q = p + k * kLanes<double>;
-    vstore(q, m ? vload(q) : Vec<double>{});
-  }
-}
-
-// Dropout on the P^T tile of keys k0 .. k0 + bc (rows, stride ld) and queries q0 .. q0 + nq (columns,
-// nq a multiple of kU32Lanes) of head b.
-template <typename T>
-void dropout_tile_t(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t nq, int64_t k0, int64_t bc, T* St,
-                    int64_t ld) {
-  for (int64_t i = 0; i < nq; i += kU32Lanes)
-    for (int64_t j = 0; j < bc; j += 4) {
-      I32Vec keep[4];
-      dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
-      for (int64_t u = 0; u < 4 && j + u < bc; ++u) drop_lanes(St + (j + u) * ld + i, keep[u]);
-    }
-}
 
 template <typename T> struct SdpaWorkspace {
   int64_t ev_pad;
@@ -79,32 +48,6 @@ template <typename T> struct SdpaWorkspace {
     std::fill(static_cast<T*>(st.p), static_cast<T*>(st.p) + kFc * kBq, T(0));
   }
 };
-
-// Applies the causal rule and the mask to a scores tile of queries q0.. (bq of them) and keys k0.. (bc) of
-// head b, whose element (i, j) is s[i * sq + j * sk]: a float mask is added, and so is -inf to a disallowed
-// score, as PyTorch's additive mask does (-inf, or NaN where the score is NaN or +inf: tests/test_nonfinite.py).
-// (The scale is already in the scores: Q is scaled when it is packed.)
-template <typename T>
-void mask_scores(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, T* s, int64_t sq,
-                 int64_t sk) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  if (!a.causal && !a.fmask && !a.bmask) return;
-  for (int64_t i = 0; i < bq; ++i) {
-    const int64_t qi = q0 + i;
-    T* si = s + i * sq;
-    const int64_t jend = a.causal ? std::max<int64_t>(0, std::min(bc, qi - k0 + 1)) : bc;
-    for (int64_t j = jend; j < bc; ++j) si[j * sk] += ninf;
-    if (a.fmask || a.bmask) {
-      const int64_t mo = a.m_off[b] + qi * a.m_rs + k0 * a.m_cs;
-      if (a.fmask) {
-        for (int64_t j = 0; j < jend; ++j) si[j * sk] += a.fmask[mo + j * a.m_cs];
-      } else {
-        for (int64_t j = 0; j < jend; ++j)
-          if (!a.bmask[mo + j * a.m_cs]) si[j * sk] += ninf;
-      }
-    }
-  }
-}
 
 // Packs rows [0, bq) of Q (row stride q_rs) as A panels over kc = E, multiplied by the scale.
 template <typename T> void pack_scaled_q(const SdpaArgs<T>& a, const T* Q, int64_t bq, T* Qp) {
@@ -143,12 +86,10 @@ template <typename T> bool rows_finite(const T* x, int64_t rs, int64_t n, int64_
 }
 
 template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q0, SdpaWorkspace<T>& ws) {
-  constexpr int64_t NR = kNR<T>, W = kLanes<T>, ld = kBq;
-  using V = Vec<T>;
+  constexpr int64_t NR = kNR<T>, ld = kBq;
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t E = a.E, Ev = a.Ev, S = a.S;
   const int64_t bq = std::min(kBq, a.L - q0);
-  const int64_t bq_lanes = round_up(bq, W);
   const T* Q = a.Q + a.q_off[b] + q0 * a.q_rs;
   const T* K = a.K + a.k_off[b];
   const T* Vm = a.V + a.v_off[b];
@@ -188,49 +129,9 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
                         St + j * ld + ip * NR, ld, mr, std::min(NR, bq - ip * NR), false, nullptr, false);
     }
     mask_scores(a, b, q0, bq, k0, bc, St, int64_t(1), ld);
-    // Online softmax down the columns, W queries at a time: S^T becomes P^T = exp(s - m_new) in place;
-    // l and the O rows are rescaled by alpha = exp(m_old - m_new).
-    for (int64_t i = 0; i < bq_lanes; i += W) {
-      const V m_old = vload(m + i);
-      // Column max in four independent chains (a single one is latency-bound); NaNs are collected
-      // apart and propagate: a NaN score makes the row NaN.
-      V mx[4] = {m_old, m_old, m_old, m_old};
-      IVec<T> nan{};
-      int64_t j = 0;
-      for (; j + 4 <= bc; j += 4)
-        for (int u = 0; u < 4; ++u) {
-          const V v = vload(St + (j + u) * ld + i);
-          mx[u] = vmax(mx[u], v);  // may drop a NaN v: collected in `nan` instead (one cmp, no blend)
-          nan |= v != v;
-        }
-      for (; j < bc; ++j) {
-        const V v = vload(St + j * ld + i);
-        mx[0] = vmax(mx[0], v);
-        nan |= v != v;
-      }
-      V m_new = vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3]));
-      m_new = nan ? vset<T>(std::numeric_limits<T>::quiet_NaN()) : m_new;
-      // Nothing allowed yet: P = 0, nothing rescaled. (NaN == -inf is false: a NaN m_new goes on into P.)
-      const auto none = m_new == vset<T>(ninf);
-      const V m_sub = none ? V{} : m_new;
-      const V al = none ? vset<T>(T(1)) : vexp(m_old - m_new);  // exp(-inf) = 0 on the first allowed block
-      V sum{};
-      for (int64_t j = 0; j < bc; ++j) {
-        const V e = vexp(vload(St + j * ld + i) - m_sub);
-        vstore(St + j * ld + i, e);
-        sum += e;
-      }
-      vstore(l + i, vload(l + i) * al + sum);
-      vstore(m + i, m_new);
-      vstore(alpha + i, al);
-    }
+    online_softmax_tile(St, ld, bq, bc, m, l, alpha);
     if (a.dropout) dropout_tile_t(a, b, q0, round_up(bq, kU32Lanes), k0, bc, St, ld);
-    for (int64_t i = 0; i < bq; ++i) {
-      if (alpha[i] == T(1)) continue;  // a NaN alpha is not 1: it rescales O to NaN
-      T* o = Ob + i * ldo;
-      const V av = vset<T>(alpha[i]);
-      for (int64_t c = 0; c < ldo; c += W) vstore(o + c, vload(o + c) * av);
-    }
+    rescale_rows(Ob, ldo, bq, alpha);
     // O += P V over this key block (kc = bc), P^T read in place: A element (i, j) = P^T[j][i]. V is read
     // in place too when its rows hold whole panels, else packed.
     const T* Vk = Vm + k0 * a.v_rs;
@@ -242,15 +143,7 @@ template <typename T> void sdpa_block(const SdpaArgs<T>& a, int64_t b, int64_t q
                         v_in_place ? a.v_rs : NR, Ob + ip * kMR * ldo + cp * NR, ldo,
                         std::min<int64_t>(kMR, bq - ip * kMR), std::min(NR, Ev - cp * NR), true, nullptr, false);
   }
-  T* out = a.O + b * a.o_bs + q0 * Ev;
-  for (int64_t i = 0; i < bq; ++i) {
-    // No allowed key (l == 0): zeros, not NaN. A NaN score makes l NaN and the row NaN, as in the oracle.
-    const bool empty = l[i] == T(0);
-    const T inv = empty ? T(0) : (a.dropout ? T(a.keep_scale) : T(1)) / l[i];
-    const T* o = Ob + i * ldo;
-    for (int64_t c = 0; c < Ev; ++c) out[i * Ev + c] = empty ? T(0) : o[c] * inv;
-    if (a.lse) a.lse[b * a.L + q0 + i] = empty ? ninf : m[i] + std::log(l[i]);
-  }
+  finish_rows(a, b, q0, bq, Ob, ldo, m, l);
 }
 
 }  // namespace

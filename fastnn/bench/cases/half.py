@@ -1,8 +1,9 @@
 """bfloat16 rows (numpy arrays of ml_dtypes.bfloat16; PyTorch's bfloat16 CPU kernels beside them), next to the
 float32 rows of the same ops and sizes: matmul, relu, softmax, attention and Adam (bfloat16 parameters and
-gradients, float32 moments). The label names the path that ran: the matmul on the avx512bf16 path is the
-AVX512-BF16 dot product on bfloat16 panels (float32 sums), measured against that instruction's peak;
-everything else, and the matmul on the other paths, widens bfloat16 to float32 (every sum in float32). NumPy has no bfloat16
+gradients, float32 moments). The label names the path that ran: the matmul and the attention forward on
+the avx512bf16 path are the AVX512-BF16 dot product on bfloat16 panels (float32 sums), measured against that
+instruction's peak; everything else, and those two on the other paths, widen bfloat16 to float32 (every sum
+in float32). NumPy has no bfloat16
 arithmetic of its own: its column is what a NumPy user writes, the float32 computation on widened copies,
 rounded back. Skipped without ml_dtypes."""
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .train import ADAM, torch_adam_step
 PATH = "bf16 widened to f32"
 
 
-def _matmul_path():
+def _dot_path():
+    """The path of the bf16 matmul and attention forward: the dot product on avx512bf16."""
     return "AVX512-BF16 dot product" if fastnn.cpu_isa() == "avx512bf16" else PATH
 
 
@@ -59,7 +61,7 @@ def matmul_bf16_case(m, k, n) -> Case:
         return lambda: np.matmul(x["a"].astype(F32), x["b"].astype(F32)).astype(_bf16())
 
     return Case(
-        "matmul", f"{m}x{k} @ {k}x{n} bfloat16 ({_matmul_path()})",
+        "matmul", f"{m}x{k} @ {k}x{n} bfloat16 ({_dot_path()})",
         inputs=lambda rng: {"a": _randn_bf16(rng, (m, k)), "b": _randn_bf16(rng, (k, n))},
         impls={"fastnn": fastnn_impl, "numpy": numpy_impl, "torch": torch_impl},
         expected=lambda x: reference.matmul(**_f64(x)),
@@ -127,7 +129,7 @@ def sdpa_bf16_case(batch, heads, length, dim, causal) -> Case:
         return _by_heads(reference.scaled_dot_product_attention, (q, k, v), length, is_causal=causal)
 
     return Case(
-        "sdpa", f"({batch},{heads},{length},{dim})" + (" causal" if causal else "") + f" bfloat16 ({PATH})",
+        "sdpa", f"({batch},{heads},{length},{dim})" + (" causal" if causal else "") + f" bfloat16 ({_dot_path()})",
         inputs=lambda rng: {n: _randn_bf16(rng, shape) for n in ("query", "key", "value")},
         impls={"fastnn": lambda x, torch: lambda: fastnn.scaled_dot_product_attention(
                    x["query"], x["key"], x["value"], is_causal=causal),
@@ -135,7 +137,7 @@ def sdpa_bf16_case(batch, heads, length, dim, causal) -> Case:
                    *(x[n].astype(F32) for n in ("query", "key", "value")), is_causal=causal).astype(_bf16()),
                "torch": torch_impl},
         expected=expected, tol=TOL,
-        work=4.0 * batch * heads * _sdpa_pairs(length, causal) * dim, unit="flop", limit="peak_gflops_f32",
+        work=4.0 * batch * heads * _sdpa_pairs(length, causal) * dim, unit="flop", limit="peak_gflops_bf16",
         formula="4*B*H*E*L*S" + (" with L*S -> L*(L+1)/2" if causal else ""), notes="allocating",
         blas=True, traffic=4.0 * 2 * batch * heads * length * dim)
 
