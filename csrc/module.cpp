@@ -668,6 +668,36 @@ bool sdpa_bf16(const py::array& q, const py::array& k, const py::array& v, const
   return kernel(a, qp, kp, vp);
 }
 
+// The attention backward on bfloat16 q, k, v, d_out and out (uint16 views), float32 lse / dq / dk / dv:
+// False when the path has no such kernel or the kernel gives up (the caller widens and calls sdpa_backward).
+bool sdpa_backward_bf16(const py::array& q, const py::array& k, const py::array& v, const Offsets& q_off,
+                        const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev,
+                        int64_t q_rs, int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off,
+                        int64_t m_rs, int64_t m_cs, bool causal, double scale, const py::array& d_out,
+                        const py::array& out, const py::array& lse, const py::array& dq, const py::array& dk,
+                        const py::array& dv, const py::object& dropout) {
+  const auto kernel = kernels().bf16_sdpa_backward;
+  if (!kernel) return false;
+  if (!is_dtype<uint16_t>(q) || !is_dtype<uint16_t>(d_out) || !is_dtype<uint16_t>(out))
+    throw py::type_error("query, grad_output, output: expected the uint16 bits of bfloat16 arrays");
+  SdpaBackwardArgs<float> a;
+  fill_sdpa<float, uint16_t>(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs,
+                             causal, scale);
+  const int64_t B = a.batch;
+  const auto* dop = contig<uint16_t>(d_out, "grad_output", B * L * Ev);
+  const auto* op = contig<uint16_t>(out, "output", B * L * Ev);
+  a.lse_in = contig<float>(lse, "lse", B * L);
+  a.dQ = contig<float>(dq, "grad_query", B * L * E, true);
+  a.dK = contig<float>(dk, "grad_key", B * S * E, true);
+  a.dV = contig<float>(dv, "grad_value", B * S * Ev, true);
+  fill_dropout(a, dropout);
+  const auto* qp = static_cast<const uint16_t*>(q.data());
+  const auto* kp = static_cast<const uint16_t*>(k.data());
+  const auto* vp = static_cast<const uint16_t*>(v.data());
+  py::gil_scoped_release nogil;
+  return kernel(a, qp, kp, vp, dop, op);
+}
+
 void sdpa_backward(const py::array& q, const py::array& k, const py::array& v, const Offsets& q_off,
                    const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev,
                    int64_t q_rs, int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off,
@@ -840,6 +870,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_off"), py::arg("v_off"), py::arg("L"), py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"),
         py::arg("k_rs"), py::arg("v_rs"), py::arg("mask"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"),
         py::arg("causal"), py::arg("scale"), py::arg("lse"), py::arg("dropout") = py::none());
+  m.def("sdpa_backward_bf16", &sdpa_backward_bf16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_off"),
+        py::arg("k_off"), py::arg("v_off"), py::arg("L"), py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"),
+        py::arg("k_rs"), py::arg("v_rs"), py::arg("mask"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"),
+        py::arg("causal"), py::arg("scale"), py::arg("d_out"), py::arg("out"), py::arg("lse"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("dropout") = py::none());
   m.def("sdpa_backward", &sdpa_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_off"), py::arg("k_off"),
         py::arg("v_off"), py::arg("L"), py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("q_rs"), py::arg("k_rs"),
         py::arg("v_rs"), py::arg("mask"), py::arg("m_off"), py::arg("m_rs"), py::arg("m_cs"), py::arg("causal"),

@@ -28,6 +28,16 @@ def sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, q_off: np
          v_off: np.ndarray, L: int, S: int, E: int, Ev: int, q_rs: int, k_rs: int, v_rs: int,
          mask: Optional[np.ndarray], m_off: np.ndarray, m_rs: int, m_cs: int, causal: bool, scale: float,
          lse: Optional[np.ndarray], dropout: Optional[Tuple[int, float, int, int]] = None) -> None: ...
+def sdpa_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, q_off: np.ndarray, k_off: np.ndarray,
+              v_off: np.ndarray, L: int, S: int, E: int, Ev: int, q_rs: int, k_rs: int, v_rs: int,
+              mask: Optional[np.ndarray], m_off: np.ndarray, m_rs: int, m_cs: int, causal: bool, scale: float,
+              lse: Optional[np.ndarray], dropout: Optional[Tuple[int, float, int, int]] = None) -> bool: ...
+def bf16_attention() -> bool: ...
+def sdpa_backward_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_off: np.ndarray, k_off: np.ndarray,
+                       v_off: np.ndarray, L: int, S: int, E: int, Ev: int, q_rs: int, k_rs: int, v_rs: int,
+                       mask: Optional[np.ndarray], m_off: np.ndarray, m_rs: int, m_cs: int, causal: bool,
+                       scale: float, d_out: np.ndarray, out: np.ndarray, lse: np.ndarray, dq: np.ndarray,
+                       dk: np.ndarray, dv: np.ndarray, dropout: Optional[Tuple[int, float, int, int]] = None) -> bool: ...
 def sdpa_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_off: np.ndarray, k_off: np.ndarray,
                   v_off: np.ndarray, L: int, S: int, E: int, Ev: int, q_rs: int, k_rs: int, v_rs: int,
                   mask: Optional[np.ndarray], m_off: np.ndarray, m_rs: int, m_cs: int, causal: bool, scale: float,

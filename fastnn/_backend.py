@@ -243,6 +243,15 @@ class Cpu:
         dk = np.zeros(at.batch + (at.S, at.E), dt)
         dv = np.zeros(at.batch + (at.S, at.Ev), dt)
         if not at.empty() and at.S:
+            if is_half(at.q.dtype):  # bfloat16 on the dot product (plan(dot=True)); given up: widened after all
+                bits = (lambda a: contiguous(self, a).reshape(nb, at.L, at.Ev).view(np.uint16))
+                q, k, v = (a.view(np.uint16) for a in (at.q, at.k, at.v))
+                if _C.sdpa_backward_bf16(q, k, v, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
+                                         at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale, bits(g), bits(o),
+                                         contiguous(self, lse).reshape(nb, at.L), dq.reshape(nb, at.L, at.E),
+                                         dk.reshape(nb, at.S, at.E), dv.reshape(nb, at.S, at.Ev), drop):
+                    return dq, dk, dv
+                at.plan()
             c = (lambda bk, a: widen(a) if is_half(a.dtype) else contiguous(bk, a)) if dt != at.dtype else contiguous
             _C.sdpa_backward(at.q, at.k, at.v, at.q_off, at.k_off, at.v_off, at.L, at.S, at.E, at.Ev, *at.rows,
                              at.mask, at.m_off, at.m_rs, at.m_cs, at.causal, at.scale,

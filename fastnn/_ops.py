@@ -667,7 +667,7 @@ class _Attention:
     def plan(self, dot=False):
         """Kernel layouts: unit stride in the last dim, non-negative strides (copied only if needed), and
         each operand's element offsets over the broadcast batch (allocates: call inside bk.scope()).
-        dot: the forward, which on a CPU with the bfloat16 dot product reads bfloat16 q, k, v as they are."""
+        dot: for the kernels that, on a CPU with the bfloat16 dot product, read bfloat16 q, k, v as they are."""
         bk, q, k, v = self.bk, *self.operands
         if bk.half(self.dtype):  # float16 / bfloat16 on the CPU: the float32 kernels on widened copies
             if not (dot and bk.bf16_dot(self.dtype)):
@@ -806,7 +806,7 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, output
     if lse.shape != at.batch + (at.L,):
         raise ValueError(f"lse: expected shape {at.batch + (at.L,)}, got {lse.shape}")
     with bk.scope():  # (no _causal_nonfinite: the GPU's composed backward reads every key; the CPU's checks)
-        dq, dk, dv = bk.sdpa_backward(at.plan(), g, o, lse, matmul, drop)
+        dq, dk, dv = bk.sdpa_backward(at.plan(dot=True), g, o, lse, matmul, drop)
         return bk.wrap((at.reduce_to(dq, at.q_shape, False), at.reduce_to(dk, at.k_shape, True),
                         at.reduce_to(dv, at.v_shape, True)))
 

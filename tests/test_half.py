@@ -322,8 +322,9 @@ def L_of(qshape):
     return qshape[-2]
 
 
-# The avx512bf16 attention forward: both products on the dot product, the probabilities rounded to bfloat16
-# for P V (relative 2^-9 each: within the output's own rounding, 2^-9, so the forward bound still holds).
+# The avx512bf16 attention: every product on the dot product, the probabilities (and in the backward the score
+# gradients) rounded to bfloat16 for the products that take them (relative 2^-9 each: within the results' own
+# rounding, 2^-9, so the bounds of test_attention_forward_backward still hold).
 BF16_ATTN = [  # (q shape, S, Ev, extra): several query and key blocks (64 queries, 128 keys per block)
     ((2, 150, 64), 300, 40, {}),
     ((1, 2, 130, 33), 257, 7, {"is_causal": True}),
@@ -335,16 +336,24 @@ BF16_ATTN = [  # (q shape, S, Ev, extra): several query and key blocks (64 queri
 
 @needs_bf16_path
 @pytest.mark.parametrize("case", range(len(BF16_ATTN)))
-def test_bf16_attention_forward_on_the_dot_product(threads, rng, case):
+def test_bf16_attention_on_the_dot_product(threads, rng, case):
     qshape, S, Ev, extra = BF16_ATTN[case]
     q, k, v, kw = attn_inputs(rng, BF16, qshape, S, Ev, extra)
+    bw = dict(kw)
     if "dropout_p" in kw:
         kw["rng"] = 11
-    E = qshape[-1]
-    out, lse = _on("avx512bf16", lambda: fastnn.scaled_dot_product_attention(q, k, v, return_lse=True, **kw))[:2]
+    E, L = qshape[-1], qshape[-2]
+    out, lse, *state = _on("avx512bf16", lambda: fastnn.scaled_dot_product_attention(q, k, v, return_lse=True, **kw))
     want = ref.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
     close(out, want[0], BF16, S + E)
     assert_close(lse, want[1].astype(np.float64), np.float32, E + S, check_dtype=False)
+    if state:
+        bw["rng_state"] = state[0]
+    g = half(rng, out.shape, BF16)
+    got = _on("avx512bf16", lambda: fastnn.scaled_dot_product_attention_backward(g, q, k, v, out, lse, **bw))
+    wanted = ref.scaled_dot_product_attention_backward(g, q, k, v, want[0], want[1], **bw)
+    for x, w in zip(got, wanted):
+        close(x, w, BF16, 2 * (S + E + L))
 
 
 @needs_bf16_path
@@ -355,11 +364,32 @@ def test_bf16_attention_leaves_what_it_would_get_wrong_to_float32(rng, case, whe
     # on widened copies, so it is the avx512 path's result bit for bit (NaN and inf as PyTorch defines them).
     q, k, v = half(rng, (2, 70, 20), BF16), half(rng, (2, 140, 20), BF16), half(rng, (2, 140, 12), BF16)
     {"query": q, "key": k, "value": v}[where][1, 5, 3] = OUTSIDE[case][0]
+    g = half(rng, (2, 70, 12), BF16)
     for causal in (False, True):
         a = _on("avx512", lambda: fastnn.scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True))
         b = _on("avx512bf16", lambda: fastnn.scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True))
         np.testing.assert_array_equal(b[0].view(np.uint16), a[0].view(np.uint16))
         np.testing.assert_array_equal(b[1], a[1])
+        ga, gb = (_on(isa, lambda: fastnn.scaled_dot_product_attention_backward(g, q, k, v, *a, is_causal=causal))
+                  for isa in ("avx512", "avx512bf16"))
+        for x, y in zip(gb, ga):
+            np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+
+
+@needs_bf16_path
+@pytest.mark.parametrize("case", ["inf", "nan"])
+@pytest.mark.parametrize("where", ["grad_output", "output"])
+def test_bf16_attention_backward_leaves_nonfinite_rows_to_float32(rng, case, where):
+    # A non-finite grad_output or output row (D = dO . O not finite): the float32 kernel's exact rule, bit
+    # for bit the avx512 path.
+    q, k, v = half(rng, (2, 70, 20), BF16), half(rng, (2, 140, 20), BF16), half(rng, (2, 140, 12), BF16)
+    out, lse = fastnn.scaled_dot_product_attention(q, k, v, return_lse=True)
+    g = half(rng, out.shape, BF16)
+    {"grad_output": g, "output": out}[where][1, 5, 3] = OUTSIDE[case][0]
+    ga, gb = (_on(isa, lambda: fastnn.scaled_dot_product_attention_backward(g, q, k, v, out, lse))
+              for isa in ("avx512", "avx512bf16"))
+    for x, y in zip(gb, ga):
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -99,7 +99,7 @@ template <int NRV> struct PairPanels {
   bool usable() const { return !outside.load(std::memory_order_relaxed); }
 
   void pack_a(const Bf16* A, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, uint16_t* dst) {
-    static_assert(kMR == 8, "pack_a transposes 8-row panels");
+    static_assert(kMR == 8, "pack_a and pack_rounded_at fill 8-row panels");
     if (a_cs == 1) {  // rows contiguous: 16 pairs of the 8 rows at a time, transposed in registers
       const uint16_t* src = reinterpret_cast<const uint16_t*>(A);
       Word* d = reinterpret_cast<Word*>(dst);
@@ -210,5 +210,61 @@ template <int NRV> struct PairPanels {
     store_tile<float, NRV>(out, c, ldc, mr, nr, accumulate, bias, relu);
   }
 };
+
+// 16 float32 -> bfloat16 bits (round to nearest even, NaN kept NaN) in the low half of each 32-bit lane.
+FASTNN_INLINE __m512i round_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))),
+      16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                               _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
+}
+
+// A float32 matrix X of kc rows and m columns (row stride ld) as the A operand X^T (m rows, K = kc), rounded
+// to bfloat16 and packed in K pairs as PairPanels::pack_a lays them out (panels of kMR = 8 rows), for the
+// rows [0, m) of X^T, m a multiple of 16 (X must have those columns; rows past the caller's are don't-cares).
+inline void pack_rounded_at(const float* X, int64_t ld, int64_t m, int64_t kc, uint16_t* dst) {
+  const int64_t kd = round_up(kc, 2);
+  Word* d = reinterpret_cast<Word*>(dst);
+  for (int64_t i = 0; i < m; i += 16) {
+    Word* p0 = d + i * (kd / 2);  // the panels of rows i .. i + 7 and i + 8 .. i + 15 of X^T
+    Word* p1 = p0 + kMR * (kd / 2);
+    for (int64_t k = 0; k < kc; k += 2) {
+      const __m512i lo = round_bf16(_mm512_loadu_ps(X + k * ld + i));
+      const __m512i hi = k + 1 < kc ? round_bf16(_mm512_loadu_ps(X + (k + 1) * ld + i)) : _mm512_setzero_si512();
+      const __m512i w = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));  // (k, k + 1) per row of X^T
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0 + k / 2 * kMR), _mm512_castsi512_si256(w));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p1 + k / 2 * kMR), _mm512_extracti64x4_epi64(w, 1));
+    }
+  }
+}
+
+// Whole operands in pair panels, and the product of packed operands (small in-cache tiles: attention).
+template <int NRV>
+void pack_a_all(PairPanels<NRV>& pn, const Bf16* A, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, uint16_t* dst) {
+  for (int64_t i = 0; i < rows; i += kMR)
+    pn.pack_a(A + i * a_rs, a_rs, a_cs, std::min<int64_t>(kMR, rows - i), kc, dst + i * PairPanels<NRV>::depth(kc));
+}
+
+template <int NRV>
+void pack_b_all(PairPanels<NRV>& pn, const Bf16* B, int64_t b_rs, int64_t b_cs, int64_t kc, int64_t cols, uint16_t* dst) {
+  constexpr int64_t NR = PairPanels<NRV>::NR;
+  for (int64_t j = 0; j < cols; j += NR)
+    pn.pack_b(B + j * b_cs, b_rs, b_cs, kc, std::min(NR, cols - j), dst + j * PairPanels<NRV>::depth(kc));
+}
+
+// C[rows x cols] (=|+=) Ap * Bp over kc, both packed whole (pack_a_all / pack_rounded_at, pack_b_all).
+template <int NRV>
+void gemm_pairs(PairPanels<NRV>& pn, const uint16_t* Ap, const uint16_t* Bp, int64_t rows, int64_t cols, int64_t kc,
+                float* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t NR = PairPanels<NRV>::NR;
+  const int64_t kd = PairPanels<NRV>::depth(kc);
+  for (int64_t j = 0; j < cols; j += NR)
+    for (int64_t i = 0; i < rows; i += kMR)
+      pn.kernel(kc, Ap + i * kd, 1, kMR, Bp + j * kd, C + i * ldc + j, ldc, std::min<int64_t>(kMR, rows - i),
+                std::min(NR, cols - j), accumulate, nullptr, false);
+}
 
 }  // namespace fastnn::cpu::FASTNN_ISA

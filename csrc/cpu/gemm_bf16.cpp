@@ -76,7 +76,10 @@ double probe_peak_gflops(int nt, int kind) {
 
 }  // namespace
 
-bool attention_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V);  // sdpa_bf16.cpp
+// sdpa_bf16.cpp
+bool attention_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V);
+bool attention_backward_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V,
+                             const uint16_t* dO, const uint16_t* O);
 
 const KernelTable& kernel_table() {
   static const KernelTable table = [] {
@@ -85,6 +88,7 @@ const KernelTable& kernel_table() {
     t.half_gemm = gemm_half;
     t.probe_peak_gflops = probe_peak_gflops;
     t.bf16_sdpa = attention_bf16;
+    t.bf16_sdpa_backward = attention_backward_bf16;
     return t;
   }();
   return table;

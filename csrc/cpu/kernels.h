@@ -130,6 +130,10 @@ struct KernelTable {
   // done, false (the output to be discarded) when an operand is outside the dot product's exact range.
   // Null on paths without the AVX512-BF16 dot product (the caller widens to float32 and calls sdpa).
   bool (*bf16_sdpa)(const SdpaArgs<float>& args, const uint16_t* Q, const uint16_t* K, const uint16_t* V);
+  // Its backward: bfloat16 Q, K, V, dO and O (args' dO and Of unused), float32 lse, float32 dQ, dK, dV; false
+  // when an operand is outside the range or a row's dO . O is not finite (the caller widens and retries).
+  bool (*bf16_sdpa_backward)(const SdpaBackwardArgs<float>& args, const uint16_t* Q, const uint16_t* K,
+                             const uint16_t* V, const uint16_t* dO, const uint16_t* O);
   // Machine-limit probes (probe.cpp), for the benchmark. The peak of kind kPeakF32 / kPeakF64 (vector FMA)
   // or kPeakBf16Dot (the AVX512-BF16 pair dot product: 0 on paths without it).
   double (*probe_peak_gflops)(int threads, int kind);

@@ -27,7 +27,7 @@ template <typename T> static OpTable<T> make_table() {
 const KernelTable& kernel_table() {
   static const KernelTable table{FASTNN_STR(FASTNN_ISA), make_table<float>(), make_table<double>(),
                                  half_widen, half_narrow, half_relu, half_relu_backward, softmax_half,
-                                 softmax_backward_half, adam_half, gemm_half, nullptr,
+                                 softmax_backward_half, adam_half, gemm_half, nullptr, nullptr,
                                  probe_peak_gflops, probe_bandwidth_gbs};
   return table;
 }

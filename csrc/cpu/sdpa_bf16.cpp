@@ -49,35 +49,6 @@ struct Bf16Workspace {
   }
 };
 
-// 16 float32 -> bfloat16 bits (round to nearest even, NaN kept NaN) in the low half of each 32-bit lane.
-FASTNN_INLINE __m512i round_bf16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
-  const __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))),
-      16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                               _mm512_set1_epi32(0x7f800000));
-  return _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
-}
-
-// P^T (bc keys x queries, row stride ld, float32) -> A panels of P (8 queries x bc keys in pairs, as
-// PairPanels::pack_a lays them out), rounded to bfloat16, for queries [0, nq) (nq a multiple of 16).
-void pack_p(const float* St, int64_t ld, int64_t nq, int64_t bc, uint16_t* Pp) {
-  const int64_t kd = Panels::depth(bc);
-  Word* d = reinterpret_cast<Word*>(Pp);
-  for (int64_t i = 0; i < nq; i += 16) {
-    Word* p0 = d + i / kMR * kMR * (kd / 2);  // the panels of queries i .. i + 7 and i + 8 .. i + 15
-    Word* p1 = p0 + kMR * (kd / 2);
-    for (int64_t k = 0; k < bc; k += 2) {
-      const __m512i lo = round_bf16(_mm512_loadu_ps(St + k * ld + i));
-      const __m512i hi = k + 1 < bc ? round_bf16(_mm512_loadu_ps(St + (k + 1) * ld + i)) : _mm512_setzero_si512();
-      const __m512i w = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));  // (key k, key k + 1) per query
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0 + k / 2 * kMR), _mm512_castsi512_si256(w));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p1 + k / 2 * kMR), _mm512_extracti64x4_epi64(w, 1));
-    }
-  }
-}
-
 // One (head b, block of queries from q0) on bf16 operands; false as soon as an operand is out of range.
 bool block_bf16(const SdpaArgs<float>& a, const uint16_t* Q16, const uint16_t* K16, const uint16_t* V16, int64_t b,
                 int64_t q0, Bf16Workspace& ws, Panels& pn) {
@@ -127,7 +98,7 @@ bool block_bf16(const SdpaArgs<float>& a, const uint16_t* Q16, const uint16_t* K
     if (a.dropout) dropout_tile_t(a, b, q0, round_up(bq, kU32Lanes), k0, bc, St, ld);
     rescale_rows(Ob, ldo, bq, alpha);
     // O += P V over this key block: P rounded to bf16 panels, V packed in pairs of keys (rows contiguous).
-    pack_p(St, ld, nq, bc, Pp);
+    pack_rounded_at(St, ld, nq, bc, Pp);
     for (int64_t cp = 0; cp * NR < Ev; ++cp)
       pn.pack_b(V + k0 * a.v_rs + cp * NR, a.v_rs, 1, bc, std::min(NR, Ev - cp * NR), Vp + cp * NR * dc);
     if (!pn.usable()) return false;
@@ -156,11 +127,153 @@ bool sdpa_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, c
   return pn.usable();
 }
 
+// ---- backward ---------------------------------------------------------------------------------------
+// sdpa.cpp's backward (per head: key blocks of Bc outer, query blocks of kBq inner, dK_j / dV_j accumulated
+// in the workspace, dQ in the output) with its five products on pair panels: S = Q_i K_j^T and dP = dO_i V_j^T
+// from the bf16 operands, dV_j += P^T dO_i, dK_j += dS^T Q_i and dQ_i += dS K_j with P and dS rounded to
+// bfloat16 (as PyTorch's CPU flash attention rounds them). D_i = dO_i . O_i in float32 from the bf16 rows.
+
+constexpr int64_t kBcb = kBc<float>;  // keys per block (128)
+
+struct Bf16BackwardWorkspace {
+  int64_t e_pad, ev_pad;
+  AlignedBuffer qa, kt, doa, vt, p, dp, pt, dob, qb, ds16, dsa, kb, dk, dv, z;
+  std::vector<float> d;
+  Bf16BackwardWorkspace(int64_t L, int64_t E, int64_t Ev)
+      : e_pad(round_up(std::max<int64_t>(E, 1), kNRp)),
+        ev_pad(round_up(std::max<int64_t>(Ev, 1), kNRp)),
+        qa(2 * kBq * Panels::depth(std::max<int64_t>(E, 1))),     // Q_i as A panels (kc = E)
+        kt(2 * Panels::depth(std::max<int64_t>(E, 1)) * kBcb),    // K_j^T as B panels (kc = E)
+        doa(2 * kBq * Panels::depth(std::max<int64_t>(Ev, 1))),   // dO_i as A panels (kc = Ev)
+        vt(2 * Panels::depth(std::max<int64_t>(Ev, 1)) * kBcb),   // V_j^T as B panels (kc = Ev)
+        p(sizeof(float) * kBq * kBcb),                            // scores, then P
+        dp(sizeof(float) * kBq * kBcb),                           // dP, then dS
+        pt(2 * kBcb * Panels::depth(kBq)),                        // P^T or dS^T as A panels (kc = bq)
+        dob(2 * Panels::depth(kBq) * ev_pad),                     // dO_i as B panels (kc = bq)
+        qb(2 * Panels::depth(kBq) * e_pad),                       // Q_i as B panels (kc = bq)
+        ds16(2 * kBq * kBcb),                                     // dS rounded, row-major
+        dsa(2 * kBq * Panels::depth(kBcb)),                       // dS as A panels (kc = bc)
+        kb(2 * Panels::depth(kBcb) * e_pad),                      // K_j as B panels (kc = bc)
+        dk(sizeof(float) * kBcb * e_pad),
+        dv(sizeof(float) * kBcb * ev_pad),
+        z(sizeof(int32_t) * round_up(kBq, kU32Lanes) * kBcb),     // dropout keep mask (row stride kBcb)
+        d(std::max<int64_t>(L, 1)) {
+    // P and dP columns past a short key block are read by pack_rounded_at (never used): keep them finite.
+    std::fill(static_cast<float*>(p.p), static_cast<float*>(p.p) + kBq * kBcb, 0.0f);
+    std::fill(static_cast<float*>(dp.p), static_cast<float*>(dp.p) + kBq * kBcb, 0.0f);
+  }
+};
+
+bool backward_head_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q16, const uint16_t* K16,
+                        const uint16_t* V16, const uint16_t* dO16, const uint16_t* O16, int64_t b,
+                        Bf16BackwardWorkspace& ws, Panels& pn) {
+  constexpr int64_t Bc = kBcb, NR = kNRp;
+  const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const Bf16* Q = reinterpret_cast<const Bf16*>(Q16 + a.q_off[b]);
+  const Bf16* K = reinterpret_cast<const Bf16*>(K16 + a.k_off[b]);
+  const Bf16* V = reinterpret_cast<const Bf16*>(V16 + a.v_off[b]);
+  const Bf16* dO = reinterpret_cast<const Bf16*>(dO16 + b * L * Ev);
+  const uint16_t* O = O16 + b * L * Ev;
+  const float* lse = a.lse_in + b * L;
+  float* dQ = a.dQ + b * L * E;
+  float* dK = a.dK + b * S * E;
+  float* dV = a.dV + b * S * Ev;
+  auto u16 = [](AlignedBuffer& x) { return static_cast<uint16_t*>(x.p); };
+  auto f32 = [](AlignedBuffer& x) { return static_cast<float*>(x.p); };
+  uint16_t *Qa = u16(ws.qa), *Kt = u16(ws.kt), *dOa = u16(ws.doa), *Vt = u16(ws.vt), *Pt = u16(ws.pt);
+  uint16_t *dOb = u16(ws.dob), *Qb = u16(ws.qb), *dS16 = u16(ws.ds16), *dSa = u16(ws.dsa), *Kb = u16(ws.kb);
+  float *P = f32(ws.p), *dP = f32(ws.dp), *dKa = f32(ws.dk), *dVa = f32(ws.dv);
+  int32_t* Z = static_cast<int32_t*>(ws.z.p);
+  const int64_t lde = ws.e_pad, ldev = ws.ev_pad;
+  float* D = ws.d.data();
+  {
+    // D_i = dO_i . O_i (float32 products of the bf16 values). A non-finite one (an inf or NaN in dO or O):
+    // the float32 kernel's exact rule is needed, so the call gives up.
+    alignas(64) float x[256], y[256];
+    for (int64_t i = 0; i < L; ++i) {
+      float acc = 0;
+      for (int64_t c0 = 0; c0 < Ev; c0 += 256) {
+        const int64_t n = std::min<int64_t>(256, Ev - c0);
+        widen_range(reinterpret_cast<const uint16_t*>(dO) + i * Ev + c0, x, 0, n, true);
+        widen_range(O + i * Ev + c0, y, 0, n, true);
+        for (int64_t c = 0; c < n; ++c) acc += x[c] * y[c];
+      }
+      if (!std::isfinite(acc)) return pn.flag(true), false;
+      D[i] = acc;
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  Panels scratch;
+  std::fill(dQ, dQ + L * E, 0.0f);
+  for (int64_t k0 = 0; k0 < S; k0 += Bc) {
+    const int64_t bc = std::min(Bc, S - k0), nk = round_up(bc, 16);
+    pack_b_all(pn, K + k0 * a.k_rs, 1, a.k_rs, E, bc, Kt);    // (e, j) = K[j][e]
+    pack_b_all(pn, V + k0 * a.v_rs, 1, a.v_rs, Ev, bc, Vt);   // (c, j) = V[j][c]
+    pack_b_all(pn, K + k0 * a.k_rs, a.k_rs, 1, bc, E, Kb);    // (j, e) = K[j][e]
+    if (!pn.usable()) return false;
+    std::fill(dKa, dKa + Bc * lde, 0.0f);
+    std::fill(dVa, dVa + Bc * ldev, 0.0f);
+    // Causal: query blocks that end before k0 see none of these keys (every operand is finite here).
+    const int64_t q_first = a.causal ? (std::min(k0, L) / kBq) * kBq : 0;
+    for (int64_t q0 = q_first; q0 < L; q0 += kBq) {
+      const int64_t bq = std::min(kBq, L - q0);
+      pack_a_all(pn, Q + q0 * a.q_rs, a.q_rs, 1, bq, E, Qa);
+      gemm_pairs(pn, Qa, Kt, bq, bc, E, P, Bc, false);
+      pack_a_all(pn, dO + q0 * Ev, Ev, 1, bq, Ev, dOa);
+      gemm_pairs(pn, dOa, Vt, bq, bc, Ev, dP, Bc, false);
+      if (!pn.usable()) return false;
+      for (int64_t i = 0; i < bq; ++i)
+        for (int64_t j = 0; j < nk; j += 16) _mm512_storeu_ps(P + i * Bc + j, _mm512_mul_ps(_mm512_loadu_ps(P + i * Bc + j), scale));
+      mask_scores<float>(a, b, q0, bq, k0, bc, P, Bc, int64_t(1));
+      probs_and_score_grads(a, b, q0, bq, k0, bc, P, dP, Bc, lse + q0, D + q0, Z);
+      // dV_j += P^T dO_i and dK_j += dS^T Q_i (kc = bq).
+      pack_b_all(pn, dO + q0 * Ev, Ev, 1, bq, Ev, dOb);
+      pack_rounded_at(P, Bc, nk, bq, Pt);
+      gemm_pairs(pn, Pt, dOb, bc, Ev, bq, dVa, ldev, true);
+      pack_b_all(pn, Q + q0 * a.q_rs, a.q_rs, 1, bq, E, Qb);
+      pack_rounded_at(dP, Bc, nk, bq, Pt);
+      gemm_pairs(pn, Pt, Qb, bc, E, bq, dKa, lde, true);
+      // dQ_i += dS K_j (kc = bc): dS rounded row by row, then packed as row-major A.
+      for (int64_t i = 0; i < bq; ++i) narrow_range(dP + i * Bc, dS16 + i * Bc, 0, bc, true);
+      // (Its range check does not apply: a tiny dS gives a product below the float32 range, a difference of
+      // under 2^-126 in a sum of products of finite values; scratch's flag is ignored.)
+      pack_a_all(scratch, reinterpret_cast<const Bf16*>(dS16), Bc, 1, bq, bc, dSa);
+      gemm_pairs(pn, dSa, Kb, bq, E, bc, dQ + q0 * E, E, true);
+    }
+    for (int64_t j = 0; j < bc; ++j) {
+      std::copy(dKa + j * lde, dKa + j * lde + E, dK + (k0 + j) * E);
+      std::copy(dVa + j * ldev, dVa + j * ldev + Ev, dV + (k0 + j) * Ev);
+    }
+  }
+  return true;
+}
+
+bool sdpa_backward_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V,
+                        const uint16_t* dO, const uint16_t* O) {
+  if (a.batch == 0) return true;
+  const int64_t nt = std::min<int64_t>(num_threads(), a.batch);
+  std::vector<std::unique_ptr<Bf16BackwardWorkspace>> ws;
+  for (int64_t t = 0; t < nt; ++t) ws.emplace_back(new Bf16BackwardWorkspace(a.L, a.E, a.Ev));
+  std::atomic<bool> ok{true};
+  parallel_items(a.batch, nt, [&](int64_t b) {
+    if (!ok.load(std::memory_order_relaxed)) return;
+    Panels pn;
+    if (!backward_head_bf16(a, Q, K, V, dO, O, b, *ws[thread_index()], pn)) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
 }  // namespace
 
 // For kernel_table() (gemm_bf16.cpp).
 bool attention_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V) {
   return sdpa_bf16(a, Q, K, V);
+}
+
+bool attention_backward_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V,
+                             const uint16_t* dO, const uint16_t* O) {
+  return sdpa_backward_bf16(a, Q, K, V, dO, O);
 }
 
 }  // namespace fastnn::cpu::FASTNN_ISA
