@@ -14,7 +14,7 @@ import fastnn
 from fastnn import reference
 
 from ..case import F32, Case, _max_error, _np
-from .attention import _by_heads, _sdpa_pairs
+from .attention import _by_heads, _sdpa_pairs, sdpa_backward_case
 from .train import ADAM, torch_adam_step
 
 PATH = "bf16 widened to f32"
@@ -192,6 +192,7 @@ CASES = [
     relu_bf16_case(16 * 2**20),
     softmax_bf16_case(4096, 1024),
     sdpa_bf16_case(1, 8, 1024, 64, causal=False),
+    sdpa_backward_case(1, 8, 1024, 64, causal=False, bf16_path=_dot_path()),
     adam_bf16_case(10 * 10**6),
 ]
 
