@@ -148,8 +148,8 @@ class Cpu:
 
     @staticmethod
     def bf16_dot(dtype) -> bool:
-        """Whether the attention forward reads `dtype` operands without widening them: bfloat16 on the
-        avx512bf16 path (the AVX512-BF16 dot product)."""
+        """Whether attention (forward and backward) reads `dtype` operands without widening them: bfloat16
+        on the avx512bf16 path (the AVX512-BF16 dot product)."""
         return is_bf16(dtype) and _C.bf16_attention()
     narrow = staticmethod(narrow)
 

@@ -917,7 +917,7 @@ def get_num_threads() -> int:
 
 def cpu_isa() -> str:
     """The CPU kernel path in use: 'generic', 'avx2', 'avx512' or 'avx512bf16' (avx512 with the bfloat16
-    matmul on the AVX512-BF16 dot product)."""
+    matmul and attention on the AVX512-BF16 dot product)."""
     return _C.isa()
 
 

@@ -377,6 +377,41 @@ def test_bf16_attention_leaves_what_it_would_get_wrong_to_float32(rng, case, whe
 
 
 @needs_bf16_path
+def test_bf16_attention_tiny_probabilities_count():
+    # exp(-90) is a float32 subnormal the dot product would read as zero; here it carries the whole result
+    # (the first key's value is 0): the kernel rounds P times 2^32 (a normal number) and scales back.
+    q = np.array([[[1.0]]], np.float32).astype(BF16)
+    k = np.array([[[0.0], [-90.0]]], np.float32).astype(BF16)
+    v = np.array([[[0.0], [2.0**62]]], np.float32).astype(BF16)
+    out, lse = _on("avx512bf16", lambda: fastnn.scaled_dot_product_attention(q, k, v, scale=1.0, return_lse=True))
+    want = ref.scaled_dot_product_attention(q, k, v, scale=1.0)
+    assert want[0, 0, 0] != 0
+    close(out, want, BF16, 2)
+    g = np.ones((1, 1, 1), np.float32).astype(BF16)
+    v2 = np.array([[[0.0], [1.0]]], np.float32).astype(BF16)
+    out2, lse2 = fastnn.scaled_dot_product_attention(q, k, v2, scale=1.0, return_lse=True)
+    got = _on("avx512bf16", lambda: fastnn.scaled_dot_product_attention_backward(g, q, k, v2, out2, lse2, scale=1.0))
+    wanted = ref.scaled_dot_product_attention_backward(g, q, k, v2, None, None, scale=1.0)
+    assert wanted[0][0, 0, 0] != 0  # dQ = -7.4e-38: a normal float32
+    for x, w in zip(got, wanted):
+        close(x, w, BF16, 4)
+
+
+@needs_bf16_path
+def test_bf16_attention_backward_nan_lse_as_float32(rng):
+    # A NaN lse row (a caller's, or a forward whose scores overflowed): the causal blocks the kernel would skip
+    # must turn NaN as on the float32 path, bit for bit.
+    q, k, v = half(rng, (1, 200, 16), BF16), half(rng, (1, 200, 16), BF16), half(rng, (1, 200, 16), BF16)
+    out, lse = fastnn.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
+    lse[0, 0] = np.nan
+    g = half(rng, out.shape, BF16)
+    ga, gb = (_on(isa, lambda: fastnn.scaled_dot_product_attention_backward(g, q, k, v, out, lse, is_causal=True))
+              for isa in ("avx512", "avx512bf16"))
+    for x, y in zip(gb, ga):
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+
+
+@needs_bf16_path
 @pytest.mark.parametrize("case", ["inf", "nan"])
 @pytest.mark.parametrize("where", ["grad_output", "output"])
 def test_bf16_attention_backward_leaves_nonfinite_rows_to_float32(rng, case, where):

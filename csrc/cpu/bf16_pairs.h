@@ -211,34 +211,43 @@ template <int NRV> struct PairPanels {
   }
 };
 
-// 16 float32 -> bfloat16 bits (round to nearest even, NaN kept NaN) in the low half of each 32-bit lane.
-FASTNN_INLINE __m512i round_bf16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
-  const __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))),
-      16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                               _mm512_set1_epi32(0x7f800000));
-  return _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
-}
 
-// A float32 matrix X of kc rows and m columns (row stride ld) as the A operand X^T (m rows, K = kc), rounded
-// to bfloat16 and packed in K pairs as PairPanels::pack_a lays them out (panels of kMR = 8 rows), for the
-// rows [0, m) of X^T, m a multiple of 16 (X must have those columns; rows past the caller's are don't-cares).
-inline void pack_rounded_at(const float* X, int64_t ld, int64_t m, int64_t kc, uint16_t* dst) {
+// The probabilities P and score gradients dS of attention are rounded to bfloat16 for the dot product times
+// kOperandScale = 2^32 (the products are scaled back by kOperandUnscale): P in [0, 1] becomes at most 2^32
+// and, for any nonzero float32 P (>= 2^-149), at least 2^-117, a normal bfloat16 the instruction does not
+// read as zero. A scaled value of 2^kScaledMaxExp or more (or NaN) is out of range: its products with
+// operands below 2^63 could overflow before the float32 sum would; the caller then gives up.
+constexpr float kOperandScale = 4294967296.0f, kOperandUnscale = 1.0f / 4294967296.0f;
+constexpr int kScaledMaxExp = 47;
+
+// A float32 matrix X of kc rows and m columns (row stride ld) as the A operand X^T (m rows, K = kc), times
+// kOperandScale, rounded to bfloat16 and packed in K pairs as PairPanels::pack_a lays them out (panels of
+// kMR = 8 rows), for the rows [0, m) of X^T, m a multiple of 16 (X must have those columns: their values
+// only reach rows the kernel does not store). Returns false when a value of the first `valid` columns is
+// out of range (see kScaledMaxExp).
+inline bool pack_rounded_at(const float* X, int64_t ld, int64_t m, int64_t valid, int64_t kc, uint16_t* dst) {
   const int64_t kd = round_up(kc, 2);
   Word* d = reinterpret_cast<Word*>(dst);
+  const __m512 mul = _mm512_set1_ps(kOperandScale);
+  const __m512i limit = _mm512_set1_epi32((127 + kScaledMaxExp) << 7);  // on the rounded bits
+  __mmask16 bad = 0;
   for (int64_t i = 0; i < m; i += 16) {
     Word* p0 = d + i * (kd / 2);  // the panels of rows i .. i + 7 and i + 8 .. i + 15 of X^T
     Word* p1 = p0 + kMR * (kd / 2);
+    const __mmask16 cols = valid - i >= 16 ? __mmask16(0xffff) : valid > i ? __mmask16((1u << (valid - i)) - 1) : 0;
     for (int64_t k = 0; k < kc; k += 2) {
-      const __m512i lo = round_bf16(_mm512_loadu_ps(X + k * ld + i));
-      const __m512i hi = k + 1 < kc ? round_bf16(_mm512_loadu_ps(X + (k + 1) * ld + i)) : _mm512_setzero_si512();
+      const __m512i lo = round_bf16(_mm512_mul_ps(_mm512_loadu_ps(X + k * ld + i), mul));
+      const __m512i hi = k + 1 < kc ? round_bf16(_mm512_mul_ps(_mm512_loadu_ps(X + (k + 1) * ld + i), mul))
+                                    : _mm512_setzero_si512();
+      const __m512i abs_mask = _mm512_set1_epi32(0x7fff);
+      bad |= _mm512_mask_cmpge_epi32_mask(cols, _mm512_and_si512(lo, abs_mask), limit) |
+             _mm512_mask_cmpge_epi32_mask(cols, _mm512_and_si512(hi, abs_mask), limit);
       const __m512i w = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));  // (k, k + 1) per row of X^T
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0 + k / 2 * kMR), _mm512_castsi512_si256(w));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p1 + k / 2 * kMR), _mm512_extracti64x4_epi64(w, 1));
     }
   }
+  return bad == 0;
 }
 
 // Whole operands in pair panels, and the product of packed operands (small in-cache tiles: attention).

@@ -1,13 +1,13 @@
 // The avx512bf16 path: bfloat16 products on the AVX512-BF16 pair dot product (vdpbf16ps: two bf16
 // products per float32 lane, accumulated in float32, twice the multiply rate of the float32 FMA), on
 // panels that keep the operands at 16 bits, packed in K pairs. Every other kernel of this path is the
-// avx512 path's (this unit's table is avx512's with the bf16 product replaced).
+// avx512 path's (this unit's table is avx512's with the bf16 matmul and attention, sdpa_bf16.cpp, replaced).
 //
 // vdpbf16ps treats subnormal inputs as zero, flushes subnormal results to zero and may round an
-// overflowing product differently from a float32 FMA. So that the answer does not depend on the CPU, a
+// overflowing product differently from a float32 FMA. So that special values and tiny numbers follow IEEE, a
 // product takes this path only when every nonzero input magnitude lies in [2^-55, 2^63): then each
-// product lies in [2^-110, 2^126), every partial sum is zero or at least 2^-125 (a multiple of the
-// smallest product's last bit), and nothing overflows before the sum itself would. Packing checks each
+// product lies in [2^-110, 2^126), every partial sum is zero or at least 2^-124 (in-range bf16 values
+// are multiples of 2^-62, so products are multiples of 2^-124), and nothing overflows before the sum itself would. Packing checks each
 // element on the way (one compare); a product with an element outside the range (subnormal, tiny, huge,
 // inf, NaN) is computed again on the widening avx512 path, whose float32 FMAs follow IEEE exactly.
 #include <atomic>

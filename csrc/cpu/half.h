@@ -57,6 +57,19 @@ inline uint16_t f32_to_f16(float f) {
   return uint16_t(sign | (x >> 13));
 }
 
+#if defined(FASTNN_ISA_avx512)
+// f32_to_bf16 on 16 lanes: the bfloat16 bits in the low half of each 32-bit lane.
+FASTNN_INLINE __m512i round_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))),
+      16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                               _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));  // NaN: quiet, sign and top payload kept
+}
+#endif
+
 // The 16-bit storage types as distinct C++ types, so packing code can be templated on the element it reads;
 // widen1 gives the float32 value of one element (the identity for float and double).
 struct Bf16 { uint16_t bits; };
@@ -103,15 +116,8 @@ inline void narrow_range(const float* FASTNN_RESTRICT s, uint16_t* FASTNN_RESTRI
   if (bf16) {
     // f32_to_bf16 on whole vectors (the scalar loop was left mostly unvectorized: ~2x slower Adam).
 #if defined(FASTNN_ISA_avx512)
-    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff), quiet = _mm512_set1_epi32(0x40);
-    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
-    for (; i + 16 <= e; i += 16) {
-      const __m512i u = _mm512_loadu_si512(s + i), hi = _mm512_srli_epi32(u, 16);
-      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(hi, one))), 16);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
-                          _mm512_cvtepi32_epi16(_mm512_mask_or_epi32(r, nan, hi, quiet)));
-    }
+    for (; i + 16 <= e; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm512_cvtepi32_epi16(round_bf16(_mm512_loadu_ps(s + i))));
 #elif defined(FASTNN_ISA_avx2)
     const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x40);
     const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);

@@ -144,7 +144,7 @@ struct KernelTable {
 namespace generic { const KernelTable& kernel_table(); }
 namespace avx2 { const KernelTable& kernel_table(); }
 namespace avx512 { const KernelTable& kernel_table(); }
-namespace avx512bf16 { const KernelTable& kernel_table(); }  // avx512's, with the bf16 product on AVX512-BF16
+namespace avx512bf16 { const KernelTable& kernel_table(); }  // avx512's, bf16 matmul and attention on AVX512-BF16
 
 // dispatch.cpp: the table in use, chosen at import (FASTNN_CPU_ISA may force a lower path).
 const KernelTable& kernels();

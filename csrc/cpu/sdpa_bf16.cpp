@@ -2,7 +2,9 @@
 // sdpa.cpp's flash-style forward (transposed scores S^T = K Q^T, online softmax down the columns, O += P V)
 // with both products on bf16 pair panels (bf16_pairs.h) and everything between them in float32: the scores
 // are scaled in float32 after the product (Q is not rounded again), and only the probabilities are rounded
-// to bfloat16 for P V (relative error 2^-9 each; PyTorch's CPU flash attention rounds them the same way).
+// to bfloat16 for P V (relative error 2^-9 each; PyTorch's CPU flash attention rounds them the same way),
+// times 2^32 so that no nonzero probability is a subnormal the instruction would read as zero (the sums are
+// scaled back exactly at the end).
 // The operands are packed from the bf16 arrays themselves: nothing is widened into float32 copies.
 //
 // A call whose query, key or value holds a magnitude outside the dot product's exact range (subnormal,
@@ -98,7 +100,7 @@ bool block_bf16(const SdpaArgs<float>& a, const uint16_t* Q16, const uint16_t* K
     if (a.dropout) dropout_tile_t(a, b, q0, round_up(bq, kU32Lanes), k0, bc, St, ld);
     rescale_rows(Ob, ldo, bq, alpha);
     // O += P V over this key block: P rounded to bf16 panels, V packed in pairs of keys (rows contiguous).
-    pack_rounded_at(St, ld, nq, bc, Pp);
+    if (!pack_rounded_at(St, ld, nq, bq, bc, Pp)) return pn.flag(true), false;  // P times 2^32 (bf16_pairs.h)
     for (int64_t cp = 0; cp * NR < Ev; ++cp)
       pn.pack_b(V + k0 * a.v_rs + cp * NR, a.v_rs, 1, bc, std::min(NR, Ev - cp * NR), Vp + cp * NR * dc);
     if (!pn.usable()) return false;
@@ -107,7 +109,7 @@ bool block_bf16(const SdpaArgs<float>& a, const uint16_t* Q16, const uint16_t* K
         pn.kernel(bc, Pp + ip * kMR * dc, 1, kMR, Vp + cp * NR * dc, Ob + ip * kMR * ldo + cp * NR, ldo,
                   std::min<int64_t>(kMR, bq - ip * kMR), std::min(NR, Ev - cp * NR), true, nullptr, false);
   }
-  finish_rows(a, b, q0, bq, Ob, ldo, m, l);
+  finish_rows(a, b, q0, bq, Ob, ldo, m, l, kOperandUnscale);
   return true;
 }
 
@@ -158,7 +160,8 @@ struct Bf16BackwardWorkspace {
         dv(sizeof(float) * kBcb * ev_pad),
         z(sizeof(int32_t) * round_up(kBq, kU32Lanes) * kBcb),     // dropout keep mask (row stride kBcb)
         d(std::max<int64_t>(L, 1)) {
-    // P and dP columns past a short key block are read by pack_rounded_at (never used): keep them finite.
+    // P and dP columns past a short key block are read by pack_rounded_at (only into rows the kernel does not
+    // store; its range check covers the valid columns): zero at first, then whatever an earlier block left.
     std::fill(static_cast<float*>(p.p), static_cast<float*>(p.p) + kBq * kBcb, 0.0f);
     std::fill(static_cast<float*>(dp.p), static_cast<float*>(dp.p) + kBq * kBcb, 0.0f);
   }
@@ -199,7 +202,8 @@ bool backward_head_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q16, c
         widen_range(O + i * Ev + c0, y, 0, n, true);
         for (int64_t c = 0; c < n; ++c) acc += x[c] * y[c];
       }
-      if (!std::isfinite(acc)) return pn.flag(true), false;
+      // A NaN or +inf lse: the float32 kernel's rows_finite rule for the causal blocks it skips is needed too.
+      if (!std::isfinite(acc) || std::isnan(lse[i]) || lse[i] == -ninf) return pn.flag(true), false;
       D[i] = acc;
     }
   }
@@ -229,23 +233,29 @@ bool backward_head_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q16, c
       probs_and_score_grads(a, b, q0, bq, k0, bc, P, dP, Bc, lse + q0, D + q0, Z);
       // dV_j += P^T dO_i and dK_j += dS^T Q_i (kc = bq).
       pack_b_all(pn, dO + q0 * Ev, Ev, 1, bq, Ev, dOb);
-      pack_rounded_at(P, Bc, nk, bq, Pt);
+      if (!pack_rounded_at(P, Bc, nk, bc, bq, Pt)) return pn.flag(true), false;  // P and dS times 2^32
       gemm_pairs(pn, Pt, dOb, bc, Ev, bq, dVa, ldev, true);
       pack_b_all(pn, Q + q0 * a.q_rs, a.q_rs, 1, bq, E, Qb);
-      pack_rounded_at(dP, Bc, nk, bq, Pt);
+      if (!pack_rounded_at(dP, Bc, nk, bc, bq, Pt)) return pn.flag(true), false;
       gemm_pairs(pn, Pt, Qb, bc, E, bq, dKa, lde, true);
       // dQ_i += dS K_j (kc = bc): dS rounded row by row, then packed as row-major A.
-      for (int64_t i = 0; i < bq; ++i) narrow_range(dP + i * Bc, dS16 + i * Bc, 0, bc, true);
-      // (Its range check does not apply: a tiny dS gives a product below the float32 range, a difference of
-      // under 2^-126 in a sum of products of finite values; scratch's flag is ignored.)
+      const __m512 up = _mm512_set1_ps(kOperandScale);
+      for (int64_t i = 0; i < bq; ++i) {
+        float* r = dP + i * Bc;
+        for (int64_t j = 0; j < nk; j += 16) _mm512_storeu_ps(r + j, _mm512_mul_ps(_mm512_loadu_ps(r + j), up));
+        narrow_range(r, dS16 + i * Bc, 0, bc, true);
+      }
+      // (The same values pack_rounded_at checked for dK, scaled the same way; scratch's [2^-55, 2^63) check,
+      // meant for the operands, is ignored.)
       pack_a_all(scratch, reinterpret_cast<const Bf16*>(dS16), Bc, 1, bq, bc, dSa);
       gemm_pairs(pn, dSa, Kb, bq, E, bc, dQ + q0 * E, E, true);
     }
-    for (int64_t j = 0; j < bc; ++j) {
-      std::copy(dKa + j * lde, dKa + j * lde + E, dK + (k0 + j) * E);
-      std::copy(dVa + j * ldev, dVa + j * ldev + Ev, dV + (k0 + j) * Ev);
+    for (int64_t j = 0; j < bc; ++j) {  // the sums of 2^32-scaled P and dS, scaled back (exact: a power of 2)
+      for (int64_t e = 0; e < E; ++e) dK[(k0 + j) * E + e] = dKa[j * lde + e] * kOperandUnscale;
+      for (int64_t c = 0; c < Ev; ++c) dV[(k0 + j) * Ev + c] = dVa[j * ldev + c] * kOperandUnscale;
     }
   }
+  for (int64_t i = 0; i < L * E; ++i) dQ[i] *= kOperandUnscale;
   return true;
 }
 

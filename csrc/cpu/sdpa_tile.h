@@ -49,7 +49,7 @@ void dropout_tile_t(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t nq, int
 // Applies the causal rule and the mask to a scores tile of queries q0.. (bq of them) and keys k0.. (bc) of
 // head b, whose element (i, j) is s[i * sq + j * sk]: a float mask is added, and so is -inf to a disallowed
 // score, as PyTorch's additive mask does (-inf, or NaN where the score is NaN or +inf: tests/test_nonfinite.py).
-// (The scale is already in the scores: Q is scaled when it is packed.)
+// (The scale is already in the scores: sdpa.cpp scales Q when it packs it, sdpa_bf16.cpp the scores.)
 template <typename T>
 void mask_scores(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, T* s, int64_t sq,
                  int64_t sk) {
@@ -132,14 +132,14 @@ template <typename T> void rescale_rows(T* Ob, int64_t ldo, int64_t bq, const T*
 // The output rows of queries q0 .. q0 + bq of head b: O / l (zeros for a row with no allowed key), and lse.
 template <typename T>
 void finish_rows(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, const T* Ob, int64_t ldo, const T* m,
-                 const T* l) {
+                 const T* l, T o_scale = T(1)) {  // o_scale: Ob holds o_scale^-1 times the sums (sdpa_bf16.cpp)
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t Ev = a.Ev;
   T* out = a.O + b * a.o_bs + q0 * Ev;
   for (int64_t i = 0; i < bq; ++i) {
     // No allowed key (l == 0): zeros, not NaN. A NaN score makes l NaN and the row NaN, as in the oracle.
     const bool empty = l[i] == T(0);
-    const T inv = empty ? T(0) : (a.dropout ? T(a.keep_scale) : T(1)) / l[i];
+    const T inv = empty ? T(0) : (a.dropout ? T(a.keep_scale) : T(1)) / l[i] * o_scale;
     const T* o = Ob + i * ldo;
     for (int64_t c = 0; c < Ev; ++c) out[i * Ev + c] = empty ? T(0) : o[c] * inv;
     if (a.lse) a.lse[b * a.L + q0 + i] = empty ? ninf : m[i] + std::log(l[i]);

@@ -242,8 +242,9 @@ template <typename F> static void half_row_blocks(int64_t rows, int64_t cols, in
   const int64_t stride = round_up(block * cols, 16);
   std::unique_ptr<float[]> ws(new float[static_cast<size_t>(nt * nbuf * stride + 16)]);
   float* base = ws.get() + (16 - int64_t(reinterpret_cast<uintptr_t>(ws.get()) % 64) / 4) % 16;
-  // f and the sizes are copied into each piece: read through the caller's frame, they shared cache lines
-  // with what the calling thread writes while it works on its own pieces.
+  // f and the sizes are copied into this closure, not referenced in the callers' frames, whose cache lines
+  // the calling thread writes while it works on its own pieces (bfloat16 softmax 4096 x 1024 on 2 threads
+  // took 1.8 ms with [&] here and in softmax_half, 1.0-1.3 ms with [=]; 2.0 ms on one thread).
   parallel_ranges(blocks, nt, [=](int64_t b0, int64_t b1) {
     float* buf = base + thread_index() * nbuf * stride;
     for (int64_t b = b0; b < b1; ++b) {
@@ -254,7 +255,7 @@ template <typename F> static void half_row_blocks(int64_t rows, int64_t cols, in
 }
 
 void softmax_half(const uint16_t* x, uint16_t* y, int64_t rows, int64_t cols, bool log, bool bf16) {
-  // [=]: each thread gets its own copy of the pointers (see half_row_blocks).
+  // [=]: the pointers are copied into the closure (see half_row_blocks).
   half_row_blocks(rows, cols, 1, [=](int64_t rb, int64_t re, float* buf, int64_t) {
     const int64_t n = (re - rb) * cols;
     widen_range(x + rb * cols, buf, 0, n, bf16);

@@ -1,7 +1,7 @@
 """bfloat16 rows (numpy arrays of ml_dtypes.bfloat16; PyTorch's bfloat16 CPU kernels beside them), next to the
 float32 rows of the same ops and sizes: matmul, relu, softmax, attention and Adam (bfloat16 parameters and
-gradients, float32 moments). The label names the path that ran: the matmul and the attention forward on
-the avx512bf16 path are the AVX512-BF16 dot product on bfloat16 panels (float32 sums), measured against that
+gradients, float32 moments). The label names the path that ran: the matmul and the attention (forward and
+backward) on the avx512bf16 path are the AVX512-BF16 dot product on bfloat16 panels (float32 sums), measured against that
 instruction's peak; everything else, and those two on the other paths, widen bfloat16 to float32 (every sum
 in float32). NumPy has no bfloat16
 arithmetic of its own: its column is what a NumPy user writes, the float32 computation on widened copies,
@@ -21,7 +21,7 @@ PATH = "bf16 widened to f32"
 
 
 def _dot_path():
-    """The path of the bf16 matmul and attention forward: the dot product on avx512bf16."""
+    """The path of the bf16 matmul and attention: the dot product on avx512bf16."""
     return "AVX512-BF16 dot product" if fastnn.cpu_isa() == "avx512bf16" else PATH
 
 
