@@ -145,13 +145,13 @@ class Cpu:
     # the results are rounded back to nearest even (narrow): every sum and dot product in float32.
     half = staticmethod(is_half)
     widen = staticmethod(widen)
+    narrow = staticmethod(narrow)
 
     @staticmethod
     def bf16_dot(dtype) -> bool:
         """Whether attention (forward and backward) reads `dtype` operands without widening them: bfloat16
         on the avx512bf16 path (the AVX512-BF16 dot product)."""
         return is_bf16(dtype) and _C.bf16_attention()
-    narrow = staticmethod(narrow)
 
     @staticmethod
     def causal_may_skip(arrays) -> bool:

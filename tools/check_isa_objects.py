@@ -80,12 +80,13 @@ def report(label, bad):
     return len(bad)
 
 
-_ARITH = re.compile(r"^v?(fmadd|mulp|addp)")
+_ARITH = re.compile(r"^v?(fmadd|mulp|addp|dpbf16ps)")
 
 
 def probe_loops(obj):
-    """The loops (a backward jump's range) of the FMA probe's functions in obj whose body does 8 or more
-    vector multiply / add / FMA instructions, as (function, instructions, instructions touching memory)."""
+    """The loops (a backward jump's range) of the peak probes' functions in obj (fma_seconds, and the bf16
+    dot product's dot_seconds) whose body does 8 or more vector multiply / add / FMA / dot-product
+    instructions, as (function, instructions, instructions touching memory)."""
     out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", "-w", obj],
                          check=True, capture_output=True, text=True).stdout
     function, body = "?", []
@@ -97,7 +98,7 @@ def probe_loops(obj):
                 jump = re.match(r"j\w+\s+([0-9a-f]+)\b", text)
                 if jump and int(jump.group(1), 16) < addr:
                     loop = [t for a, t in body[:i + 1] if a >= int(jump.group(1), 16)]
-                    if "fma_seconds" in function and sum(
+                    if ("fma_seconds" in function or "dot_seconds" in function) and sum(
                             bool(_ARITH.match(t)) for t in loop) >= 8:
                         loops.append((function, len(loop), [t for t in loop if "(%" in t and not t.startswith("nop")]))
             body = []
@@ -111,16 +112,19 @@ def probe_loops(obj):
 
 
 def check_probe_loops(objects):
-    """The FMA peak probe (csrc/cpu/probe.cpp) of every ISA path keeps its accumulator chains in registers:
-    its arithmetic loops read and write no memory. Chains that spill measure store-to-load latency (they
-    did on AVX2: 16 chains in 16 YMM registers), and every "% of peak" of the bench is then wrong."""
+    """The FMA peak probe (csrc/cpu/probe.cpp) of every ISA path, and the bf16 dot product's probe of the
+    avx512bf16 path (csrc/cpu/gemm_bf16.cpp), keep their accumulator chains in registers: their arithmetic
+    loops read and write no memory. Chains that spill measure store-to-load latency (they did on AVX2: 16
+    chains in 16 YMM registers), and every "% of peak" of the bench is then wrong."""
     problems = 0
-    for obj in sorted(glob.glob(os.path.join(objects, "fastnn_isa_*.dir", "**", "probe.cpp.o"), recursive=True)):
+    objs = [o for name in ("probe.cpp.o", "gemm_bf16.cpp.o")
+            for o in glob.glob(os.path.join(objects, "fastnn_isa_*.dir", "**", name), recursive=True)]
+    for obj in sorted(objs):
         name = os.path.relpath(obj, objects)
         loops = probe_loops(obj)
         spilled = [(f, n, mem) for f, n, mem in loops if mem]
         if not loops:
-            print(f"FAIL {name}: no FMA loop found in the peak probe")
+            print(f"FAIL {name}: no FMA / dot-product loop found in the peak probe")
             problems += 1
         elif spilled:
             for function, n, mem in spilled:
