@@ -113,7 +113,10 @@ bool block_bf16(const SdpaArgs<float>& a, const uint16_t* Q16, const uint16_t* K
   return true;
 }
 
-bool sdpa_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V) {
+}  // namespace
+
+// The entry points of kernel_table() (gemm_bf16.cpp).
+bool attention_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V) {
   if (a.batch == 0 || a.L == 0) return true;
   const int64_t qblocks = (a.L + kBq - 1) / kBq;
   const int64_t tasks = a.batch * qblocks;
@@ -134,6 +137,8 @@ bool sdpa_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, c
 // in the workspace, dQ in the output) with its five products on pair panels: S = Q_i K_j^T and dP = dO_i V_j^T
 // from the bf16 operands, dV_j += P^T dO_i, dK_j += dS^T Q_i and dQ_i += dS K_j with P and dS rounded to
 // bfloat16 (as PyTorch's CPU flash attention rounds them). D_i = dO_i . O_i in float32 from the bf16 rows.
+
+namespace {
 
 constexpr int64_t kBcb = kBc<float>;  // keys per block (128)
 
@@ -259,8 +264,10 @@ bool backward_head_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q16, c
   return true;
 }
 
-bool sdpa_backward_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V,
-                        const uint16_t* dO, const uint16_t* O) {
+}  // namespace
+
+bool attention_backward_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q, const uint16_t* K,
+                             const uint16_t* V, const uint16_t* dO, const uint16_t* O) {
   if (a.batch == 0) return true;
   const int64_t nt = std::min<int64_t>(num_threads(), a.batch);
   std::vector<std::unique_ptr<Bf16BackwardWorkspace>> ws;
@@ -272,18 +279,6 @@ bool sdpa_backward_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q, con
     if (!backward_head_bf16(a, Q, K, V, dO, O, b, *ws[thread_index()], pn)) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
-}
-
-}  // namespace
-
-// For kernel_table() (gemm_bf16.cpp).
-bool attention_bf16(const SdpaArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V) {
-  return sdpa_bf16(a, Q, K, V);
-}
-
-bool attention_backward_bf16(const SdpaBackwardArgs<float>& a, const uint16_t* Q, const uint16_t* K, const uint16_t* V,
-                             const uint16_t* dO, const uint16_t* O) {
-  return sdpa_backward_bf16(a, Q, K, V, dO, O);
 }
 
 }  // namespace fastnn::cpu::FASTNN_ISA
