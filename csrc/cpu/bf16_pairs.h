@@ -115,17 +115,7 @@ template <int NRV> struct PairPanels {
       flag(bad != 0);
       return;
     }
-    if (rows < kMR || kc % 2) std::memset(dst, 0, sizeof(uint16_t) * kMR * depth(kc));
-    bool bad = false;
-    for (int64_t r = 0; r < rows; ++r) {
-      const Bf16* src = A + r * a_rs;
-      for (int64_t k = 0; k < kc; ++k) {
-        const uint16_t h = src[k * a_cs].bits;
-        bad |= !in_range(h);
-        dst[(k / 2 * kMR + r) * 2 + k % 2] = h;
-      }
-    }
-    flag(bad);
+    pack_scalar(A, a_rs, a_cs, rows, kc, kMR, dst);
   }
 
   void pack_b(const Bf16* B, int64_t b_rs, int64_t b_cs, int64_t kc, int64_t cols, uint16_t* dst) {
@@ -165,14 +155,21 @@ template <int NRV> struct PairPanels {
       flag(bad != 0);
       return;
     }
-    if (cols < NR || kc % 2) std::memset(dst, 0, sizeof(uint16_t) * NR * depth(kc));
+    pack_scalar(B, b_cs, b_rs, cols, kc, NR, dst);  // any other strides
+  }
+
+  // Element (r, k) = src[r * r_stride + k * k_stride] for r < n of a panel `width` wide (rows of an A panel,
+  // columns of a B panel) to dst[(k / 2 * width + r) * 2 + k % 2]; rows past n and an odd last k zero.
+  void pack_scalar(const Bf16* src, int64_t r_stride, int64_t k_stride, int64_t n, int64_t kc, int64_t width,
+                   uint16_t* dst) {
+    if (n < width || kc % 2) std::memset(dst, 0, sizeof(uint16_t) * width * depth(kc));
     bool bad = false;
-    for (int64_t c = 0; c < cols; ++c) {  // columns contiguous (b_rs == 1: x @ w.T) or any strides
-      const Bf16* src = B + c * b_cs;
+    for (int64_t r = 0; r < n; ++r) {
+      const Bf16* s = src + r * r_stride;
       for (int64_t k = 0; k < kc; ++k) {
-        const uint16_t h = src[k * b_rs].bits;
+        const uint16_t h = s[k * k_stride].bits;
         bad |= !in_range(h);
-        dst[(k / 2 * NR + c) * 2 + k % 2] = h;
+        dst[(k / 2 * width + r) * 2 + k % 2] = h;
       }
     }
     flag(bad);
