@@ -654,10 +654,14 @@ class _Attention:
         if attn_mask is not None:
             if attn_mask.dtype != np.bool_ and attn_mask.dtype != q.dtype:
                 raise TypeError(f"attn_mask: expected dtype bool or {q.dtype} (the query's), got {attn_mask.dtype}")
+            # Broadcast *to* the scores' shape: a mask may not add dimensions (as in torch, whose output
+            # keeps the query's shape).
             try:
-                np.broadcast_shapes(attn_mask.shape, batch + (L, S))
+                fits = np.broadcast_shapes(attn_mask.shape, batch + (L, S)) == batch + (L, S)
             except ValueError:
-                raise ValueError(f"attn_mask: shape {attn_mask.shape} does not broadcast to {batch + (L, S)}") from None
+                fits = False
+            if not fits:
+                raise ValueError(f"attn_mask: shape {attn_mask.shape} does not broadcast to {batch + (L, S)}")
         self.bk, self.dtype, self.batch, self.L, self.S, self.E, self.Ev = bk, q.dtype, batch, L, S, E, Ev
         self.nbatch = math.prod(batch)
         self.causal, self.scale, self.group = is_causal, scale, group

@@ -268,6 +268,12 @@ def test_sdpa_errors():
         sdpa(q, k, v, attn_mask=np.ones((5, 7), bool))
     with pytest.raises(ValueError, match="attn_mask"):
         sdpa(q, k, v, attn_mask=np.ones((3, 5, 6), f32))
+    # A mask may broadcast to the scores' shape, not past it (more dims), empty or not.
+    with pytest.raises(ValueError, match="attn_mask"):
+        sdpa(q, k, v, attn_mask=np.ones((1, 2, 4, 5, 6), bool))
+    with pytest.raises(ValueError, match="attn_mask"):
+        e = np.ones((0, 1, 1, 0), f32)
+        sdpa(e, e, e, attn_mask=np.ones((1, 0, 1, 1, 1), bool))
     with pytest.raises(ValueError):  # E of query and key differ
         sdpa(q, np.ones((2, 4, 6, 7), f32), v)
     with pytest.raises(ValueError):  # S of key and value differ
