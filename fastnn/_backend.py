@@ -509,6 +509,18 @@ def not_an_array(name: str, x) -> TypeError:
 OPTIONAL = frozenset(("out", "bias", "attn_mask", "max_exp_avg_sq"))  # arguments that may be None
 
 
+def _plain(name, v):
+    """A NumPy subclass as its base ndarray (same memory: writes reach it), so that np.matrix's 2-D
+    rules do not leak into results, which are plain ndarrays; a masked array is a TypeError, since the
+    kernels would read the masked-out values."""
+    if v is None or type(v) is np.ndarray:
+        return v
+    if isinstance(v, np.ma.MaskedArray):
+        raise TypeError(f"{name}: got a numpy masked array, whose mask fastnn would ignore; pass "
+                        f"{name}.filled(value) or {name}.data")
+    return np.asarray(v)
+
+
 def adopt(op: str, arrays: dict, writes=()):
     """(backend, [native arrays]) for one call: `arrays` maps argument names to the caller's arrays (None
     for an absent OPTIONAL one) and `writes` names those the op writes in place. All must be of one family
@@ -536,7 +548,7 @@ def adopt(op: str, arrays: dict, writes=()):
             raise TypeError(f"{name}: got a {f.name} in a call whose {first} is a {family.name}; pass the arrays "
                             "of one call as one array type")
     if family is NUMPY or family is None:
-        return CPU, list(values)
+        return CPU, [_plain(name, v) for name, v in arrays.items()]
     if family.readonly:
         for name in writes:
             if arrays.get(name) is not None:
