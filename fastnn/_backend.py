@@ -336,8 +336,11 @@ def _lib(name: str):
 
 
 class _Numpy(Family):
+    # A subclass is read as its base ndarray (the same memory: writes reach it), so that np.matrix's 2-D
+    # rules do not leak into the results, which are plain ndarrays (but out= returns the caller's object).
+    # A masked array is refused where it arrives (adopt): the kernels would read the masked-out values.
     def native(self, x):
-        return x
+        return np.asarray(x)
 
 
 class _TorchCpu(Family):
@@ -509,18 +512,6 @@ def not_an_array(name: str, x) -> TypeError:
 OPTIONAL = frozenset(("out", "bias", "attn_mask", "max_exp_avg_sq"))  # arguments that may be None
 
 
-def _plain(name, v):
-    """A NumPy subclass as its base ndarray (same memory: writes reach it), so that np.matrix's 2-D
-    rules do not leak into results, which are plain ndarrays; a masked array is a TypeError, since the
-    kernels would read the masked-out values."""
-    if v is None or type(v) is np.ndarray:
-        return v
-    if isinstance(v, np.ma.MaskedArray):
-        raise TypeError(f"{name}: got a numpy masked array, whose mask fastnn would ignore; pass "
-                        f"{name}.filled(value) or {name}.data")
-    return np.asarray(v)
-
-
 def adopt(op: str, arrays: dict, writes=()):
     """(backend, [native arrays]) for one call: `arrays` maps argument names to the caller's arrays (None
     for an absent OPTIONAL one) and `writes` names those the op writes in place. All must be of one family
@@ -542,13 +533,16 @@ def adopt(op: str, arrays: dict, writes=()):
         f = family_of(v)
         if f is None:
             raise not_an_array(name, v)
+        if isinstance(v, np.ma.MaskedArray):
+            raise TypeError(f"{name}: got a numpy masked array, whose mask fastnn would ignore; pass "
+                            f"{name}.filled(value) or {name}.data")
         if family is None:
             first, family = name, f
         elif f is not family:
             raise TypeError(f"{name}: got a {f.name} in a call whose {first} is a {family.name}; pass the arrays "
                             "of one call as one array type")
-    if family is NUMPY or family is None:
-        return CPU, [_plain(name, v) for name, v in arrays.items()]
+    if family is None or family is NUMPY and all(type(v) is np.ndarray or v is None for v in values):
+        return CPU, list(values)
     if family.readonly:
         for name in writes:
             if arrays.get(name) is not None:

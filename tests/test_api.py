@@ -107,14 +107,14 @@ def test_non_array_inputs(call):
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
 def test_numpy_subclasses(tmp_path):
     # Read as their base ndarray: plain ndarrays back (np.matrix's 2-D rules would make linear_backward's
-    # bias gradient (1, out)); out= writes the subclass's memory. A masked array's mask would be ignored.
+    # bias gradient (1, out)); out= writes the subclass's memory and returns it. A masked array's mask would be ignored.
     g = np.matrix(np.arange(6.0).reshape(2, 3))
     grads = fastnn.linear_backward(g, g, np.ones((3, 3)))
     assert all(type(a) is np.ndarray for a in grads) and grads[2].shape == (3,)
     np.testing.assert_array_equal(grads[2], [3.0, 5.0, 7.0])
     mm = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=(4,))
     mm[:] = [-1.0, 2.0, -3.0, 4.0]
-    fastnn.relu(mm, out=mm)
+    assert fastnn.relu(mm, out=mm) is mm
     np.testing.assert_array_equal(mm, [0.0, 2.0, 0.0, 4.0])
     with pytest.raises(TypeError, match="masked array"):
         fastnn.relu(np.ma.array([1.0, -1.0], mask=[False, True]))
