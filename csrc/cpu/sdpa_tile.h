@@ -33,17 +33,28 @@ FASTNN_INLINE void drop_lanes(double* p, I32Vec keep) {
   }
 }
 
+// The dropout keep masks of a tile of head b, queries q0 .. q0 + nq (nq a multiple of kU32Lanes) and keys
+// k0 .. k0 + bc (rounded up to 4), one Philox call per kU32Lanes queries x 4 keys: f(i, j, keep), keep[u] the
+// mask of queries q0 + i .. (one per lane) for key k0 + j + u.
+template <typename T, typename F>
+FASTNN_INLINE void for_keep_groups(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t nq, int64_t k0, int64_t bc,
+                                   F f) {
+  for (int64_t i = 0; i < nq; i += kU32Lanes)
+    for (int64_t j = 0; j < bc; j += 4) {
+      I32Vec keep[4];
+      dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
+      f(i, j, keep);
+    }
+}
+
 // Dropout on the P^T tile of keys k0 .. k0 + bc (rows, stride ld) and queries q0 .. q0 + nq (columns,
 // nq a multiple of kU32Lanes) of head b.
 template <typename T>
 void dropout_tile_t(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t nq, int64_t k0, int64_t bc, T* St,
                     int64_t ld) {
-  for (int64_t i = 0; i < nq; i += kU32Lanes)
-    for (int64_t j = 0; j < bc; j += 4) {
-      I32Vec keep[4];
-      dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
-      for (int64_t u = 0; u < 4 && j + u < bc; ++u) drop_lanes(St + (j + u) * ld + i, keep[u]);
-    }
+  for_keep_groups(a, b, q0, nq, k0, bc, [&](int64_t i, int64_t j, const I32Vec(&keep)[4]) {
+    for (int64_t u = 0; u < 4 && j + u < bc; ++u) drop_lanes(St + (j + u) * ld + i, keep[u]);
+  });
 }
 
 // Applies the causal rule and the mask to a scores tile of queries q0.. (bq of them) and keys k0.. (bc) of
@@ -152,29 +163,26 @@ void finish_rows(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, const 
 template <typename T>
 void dropout_keep_rows(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t bq, int64_t k0, int64_t bc, int32_t* Z,
                        int64_t ldz) {
-  for (int64_t i = 0; i < bq; i += kU32Lanes)
-    for (int64_t j = 0; j < bc; j += 4) {
-      I32Vec keep[4];
-      dropout_keep4(a.seed, a.offset, a.drop_threshold, b, q0 + i, (k0 + j) / 4, keep);
+  for_keep_groups(a, b, q0, bq, k0, bc, [&](int64_t i, int64_t j, const I32Vec(&keep)[4]) {
 #if defined(__SSE2__)
-      // Z rows are padded to whole groups of 4 keys and query rows up to a multiple of the lanes (ldz, and
-      // the buffer's kBq rows): the 16-byte stores stay inside.
-      for (int64_t blk = 0; blk < kU32Lanes / 4; ++blk) {
-        __m128i r[4];
-        for (int u = 0; u < 4; ++u) std::memcpy(&r[u], reinterpret_cast<const char*>(&keep[u]) + 16 * blk, 16);
-        const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
-        const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
-        int32_t* z = Z + (i + 4 * blk) * ldz + j;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(z), _mm_unpacklo_epi64(t0, t2));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + ldz), _mm_unpackhi_epi64(t0, t2));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + 2 * ldz), _mm_unpacklo_epi64(t1, t3));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(z + 3 * ldz), _mm_unpackhi_epi64(t1, t3));
-      }
-#else
-      for (int64_t l = 0; l < kU32Lanes; ++l)
-        for (int u = 0; u < 4; ++u) Z[(i + l) * ldz + j + u] = keep[u][l];
-#endif
+    // Z rows are padded to whole groups of 4 keys and query rows up to a multiple of the lanes (ldz, and
+    // the buffer's kBq rows): the 16-byte stores stay inside.
+    for (int64_t blk = 0; blk < kU32Lanes / 4; ++blk) {
+      __m128i r[4];
+      for (int u = 0; u < 4; ++u) std::memcpy(&r[u], reinterpret_cast<const char*>(&keep[u]) + 16 * blk, 16);
+      const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
+      const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+      int32_t* z = Z + (i + 4 * blk) * ldz + j;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(z), _mm_unpacklo_epi64(t0, t2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(z + ldz), _mm_unpackhi_epi64(t0, t2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(z + 2 * ldz), _mm_unpacklo_epi64(t1, t3));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(z + 3 * ldz), _mm_unpackhi_epi64(t1, t3));
     }
+#else
+    for (int64_t l = 0; l < kU32Lanes; ++l)
+      for (int u = 0; u < 4; ++u) Z[(i + l) * ldz + j + u] = keep[u][l];
+#endif
+  });
 }
 
 // The dropout factor keep_scale or 0 of W consecutive keys, from their keep mask.
