@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "build_config.h"
@@ -628,6 +630,32 @@ template <typename T> void fill_dropout(SdpaArgs<T>& a, const py::object& dropou
   a.offset = d[3].cast<uint32_t>();
 }
 
+// The forward's outputs: out (batch x L x Ev) and lse (batch x L, or None), both T; and the dropout.
+template <typename T>
+void fill_sdpa_out(SdpaArgs<T>& a, const py::array& out, const py::object& lse, const py::object& dropout) {
+  a.O = contig<T>(out, "out", a.batch * a.L * a.Ev, true), a.o_bs = a.L * a.Ev;
+  if (!lse.is_none()) a.lse = contig<T>(lse.cast<py::array>(), "lse", a.batch * a.L, true);
+  fill_dropout(a, dropout);
+}
+
+// The backward's other operands: grad_output and output (Elem, as q, k and v: returned, since a bfloat16
+// kernel takes them apart from a), lse and the gradients (T); and the dropout.
+template <typename T, typename Elem = T>
+std::pair<const Elem*, const Elem*> fill_sdpa_backward(SdpaBackwardArgs<T>& a, const py::array& d_out,
+                                                       const py::array& out, const py::array& lse,
+                                                       const py::array& dq, const py::array& dk,
+                                                       const py::array& dv, const py::object& dropout) {
+  const int64_t B = a.batch;
+  const Elem* dop = contig<Elem>(d_out, "grad_output", B * a.L * a.Ev);
+  const Elem* op = contig<Elem>(out, "output", B * a.L * a.Ev);
+  a.lse_in = contig<T>(lse, "lse", B * a.L);
+  a.dQ = contig<T>(dq, "grad_query", B * a.L * a.E, true);
+  a.dK = contig<T>(dk, "grad_key", B * a.S * a.E, true);
+  a.dV = contig<T>(dv, "grad_value", B * a.S * a.Ev, true);
+  fill_dropout(a, dropout);
+  return {dop, op};
+}
+
 void sdpa(const py::array& q, const py::array& k, const py::array& v, const py::array& out, const Offsets& q_off,
           const Offsets& k_off, const Offsets& v_off, int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t q_rs,
           int64_t k_rs, int64_t v_rs, const py::object& mask, const Offsets& m_off, int64_t m_rs, int64_t m_cs,
@@ -636,9 +664,7 @@ void sdpa(const py::array& q, const py::array& k, const py::array& v, const py::
     using T = decltype(t);
     SdpaArgs<T> a;
     fill_sdpa(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs, causal, scale);
-    a.O = contig<T>(out, "out", a.batch * L * Ev, true), a.o_bs = L * Ev;
-    if (!lse.is_none()) a.lse = contig<T>(lse.cast<py::array>(), "lse", a.batch * L, true);
-    fill_dropout(a, dropout);
+    fill_sdpa_out(a, out, lse, dropout);
     py::gil_scoped_release nogil;
     ops<T>().sdpa(a);
   });
@@ -658,9 +684,7 @@ bool sdpa_bf16(const py::array& q, const py::array& k, const py::array& v, const
   SdpaArgs<float> a;
   fill_sdpa<float, uint16_t>(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs,
                              causal, scale);
-  a.O = contig<float>(out, "out", a.batch * L * Ev, true), a.o_bs = L * Ev;
-  if (!lse.is_none()) a.lse = contig<float>(lse.cast<py::array>(), "lse", a.batch * L, true);
-  fill_dropout(a, dropout);
+  fill_sdpa_out(a, out, lse, dropout);
   const auto* qp = static_cast<const uint16_t*>(q.data());
   const auto* kp = static_cast<const uint16_t*>(k.data());
   const auto* vp = static_cast<const uint16_t*>(v.data());
@@ -683,14 +707,7 @@ bool sdpa_backward_bf16(const py::array& q, const py::array& k, const py::array&
   SdpaBackwardArgs<float> a;
   fill_sdpa<float, uint16_t>(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs,
                              causal, scale);
-  const int64_t B = a.batch;
-  const auto* dop = contig<uint16_t>(d_out, "grad_output", B * L * Ev);
-  const auto* op = contig<uint16_t>(out, "output", B * L * Ev);
-  a.lse_in = contig<float>(lse, "lse", B * L);
-  a.dQ = contig<float>(dq, "grad_query", B * L * E, true);
-  a.dK = contig<float>(dk, "grad_key", B * S * E, true);
-  a.dV = contig<float>(dv, "grad_value", B * S * Ev, true);
-  fill_dropout(a, dropout);
+  const auto [dop, op] = fill_sdpa_backward<float, uint16_t>(a, d_out, out, lse, dq, dk, dv, dropout);
   const auto* qp = static_cast<const uint16_t*>(q.data());
   const auto* kp = static_cast<const uint16_t*>(k.data());
   const auto* vp = static_cast<const uint16_t*>(v.data());
@@ -708,14 +725,7 @@ void sdpa_backward(const py::array& q, const py::array& k, const py::array& v, c
     using T = decltype(t);
     SdpaBackwardArgs<T> a;
     fill_sdpa(a, q, k, v, q_off, k_off, v_off, L, S, E, Ev, q_rs, k_rs, v_rs, mask, m_off, m_rs, m_cs, causal, scale);
-    const int64_t B = a.batch;
-    a.dO = contig<T>(d_out, "grad_output", B * L * Ev);
-    a.Of = contig<T>(out, "output", B * L * Ev);
-    a.lse_in = contig<T>(lse, "lse", B * L);
-    a.dQ = contig<T>(dq, "grad_query", B * L * E, true);
-    a.dK = contig<T>(dk, "grad_key", B * S * E, true);
-    a.dV = contig<T>(dv, "grad_value", B * S * Ev, true);
-    fill_dropout(a, dropout);
+    std::tie(a.dO, a.Of) = fill_sdpa_backward(a, d_out, out, lse, dq, dk, dv, dropout);
     py::gil_scoped_release nogil;
     ops<T>().sdpa_backward(a);
   });
