@@ -376,13 +376,15 @@ template <typename T> bool elem_strides(const py::array& a) {
 }
 
 // The array of `shape` an op writes: a new one when out is None; `out` itself when it is a plain writable
-// array of that shape that either is exactly one of `in_place` (same data, both C-contiguous) or overlaps
-// none of `inputs`; else None.
+// ndarray (not a subclass: a masked array is refused, np.matrix and np.memmap go through the general path)
+// of that shape that either is exactly one of `in_place` (same data, both C-contiguous) or overlaps none of
+// `inputs`; else None.
 template <typename T>
 py::object fast_out(const py::object& out, const std::vector<py::ssize_t>& shape,
                     std::initializer_list<const py::array*> inputs, std::initializer_list<const py::array*> in_place) {
   if (out.is_none()) return py::array_t<T>(shape);
-  if (!py::isinstance<py::array>(out)) return py::none();
+  if (Py_TYPE(out.ptr()) != reinterpret_cast<PyTypeObject*>(py::detail::npy_api::get().PyArray_Type_))
+    return py::none();
   auto o = py::reinterpret_borrow<py::array>(out);
   if (!plain<T>(o) || !o.writeable() || !same_shape(o, shape)) return py::none();
   for (const py::array* a : in_place)

@@ -515,7 +515,9 @@ OPTIONAL = frozenset(("out", "bias", "attn_mask", "max_exp_avg_sq"))  # argument
 def adopt(op: str, arrays: dict, writes=()):
     """(backend, [native arrays]) for one call: `arrays` maps argument names to the caller's arrays (None
     for an absent OPTIONAL one) and `writes` names those the op writes in place. All must be of one family
-    (else a TypeError naming both); a read-only family in a written argument is a ValueError."""
+    (else a TypeError naming both); a read-only family in a written argument is a ValueError. A NumPy
+    subclass is read as its base ndarray (results are plain ndarrays, out= returns the caller's object); a
+    masked array is a TypeError."""
     values = arrays.values()
     for v in values:
         if type(v) is not np.ndarray:
@@ -527,21 +529,25 @@ def adopt(op: str, arrays: dict, writes=()):
         if found is not None:
             return found
     first = family = None
+    subclass = False  # a NumPy subclass among the arguments (read through _Numpy.native below)
     for name, v in arrays.items():
         if v is None and name in OPTIONAL:
             continue
         f = family_of(v)
         if f is None:
             raise not_an_array(name, v)
-        if isinstance(v, np.ma.MaskedArray):
-            raise TypeError(f"{name}: got a numpy masked array, whose mask fastnn would ignore; pass "
-                            f"{name}.filled(value) or {name}.data")
+        if f is NUMPY and type(v) is not np.ndarray:
+            ma = sys.modules.get("numpy.ma")  # (a masked array exists only once numpy.ma is loaded)
+            if ma is not None and isinstance(v, ma.MaskedArray):
+                raise TypeError(f"{name}: got a numpy masked array, whose mask fastnn would ignore; pass "
+                                f"{name}.filled(value) or {name}.data")
+            subclass = True
         if family is None:
             first, family = name, f
         elif f is not family:
             raise TypeError(f"{name}: got a {f.name} in a call whose {first} is a {family.name}; pass the arrays "
                             "of one call as one array type")
-    if family is None or family is NUMPY and all(type(v) is np.ndarray or v is None for v in values):
+    if family is None or family is NUMPY and not subclass:
         return CPU, list(values)
     if family.readonly:
         for name in writes:

@@ -116,5 +116,10 @@ def test_numpy_subclasses(tmp_path):
     mm[:] = [-1.0, 2.0, -3.0, 4.0]
     assert fastnn.relu(mm, out=mm) is mm
     np.testing.assert_array_equal(mm, [0.0, 2.0, 0.0, 4.0])
+    masked = np.ma.array([1.0, -1.0], mask=[False, True])
     with pytest.raises(TypeError, match="masked array"):
-        fastnn.relu(np.ma.array([1.0, -1.0], mask=[False, True]))
+        fastnn.relu(masked)
+    with pytest.raises(TypeError, match="masked array"):  # out= too (the compiled fast path declines it)
+        fastnn.relu(np.ones(2), out=masked)
+    with pytest.raises(TypeError, match="masked array"):
+        fastnn.matmul(np.ones((2, 2)), np.ones((2, 2)), out=np.ma.array(np.zeros((2, 2)), mask=True))

@@ -269,6 +269,9 @@ def test_sdpa_errors():
     with pytest.raises(ValueError, match="attn_mask"):
         sdpa(q, k, v, attn_mask=np.ones((3, 5, 6), f32))
     # A mask may broadcast to the scores' shape, not past it (more dims), empty or not.
+    e = np.ones((0, 4, 5, 8), f32)
+    for shape in [(1, 4, 5, 6), (0, 4, 5, 6), (5, 6), ()]:
+        assert sdpa(e, k[:0], v[:0], attn_mask=np.ones(shape, bool)).shape == (0, 4, 5, 3)
     with pytest.raises(ValueError, match="attn_mask"):
         sdpa(q, k, v, attn_mask=np.ones((1, 2, 4, 5, 6), bool))
     with pytest.raises(ValueError, match="attn_mask"):

@@ -89,7 +89,7 @@ template <int NRV> struct PairPanels {
   using P = uint16_t;
   // K blocks of 512: a packed B panel (512 x 32 bf16) is 32 KiB, as the float32 one of 256 x 32; and the
   // epilogue (C read and written) is paid per 512 K instead of 256 (1024^3: 209 GFLOP/s on one core, 204 with 256).
-  static constexpr int64_t NR = NRV * 16, KC = 2 * kKC;
+  static constexpr int64_t NR = NRV * 16, KC = 2 * kKC<float>;
   static constexpr int64_t depth(int64_t kc) { return round_up(kc, 2); }
   std::atomic<bool> outside{false};
 

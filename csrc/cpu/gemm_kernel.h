@@ -25,13 +25,15 @@ constexpr int kMR = 4;
 constexpr int kNRV = 2;
 // Cache blocking: a KC x NR panel of B (32 KiB for float/AVX-512) stays in L1 while an MC x KC block of A
 // (MC = 24 * MR rows: about 200 KiB) stays in L2; a KC x NC block of B lives in L3. AVX2 takes longer K
-// blocks (its float B panel is 24 KiB at 384): fewer passes over C, which large products read and write
-// once per K block (2048^3 float32 on a Zen 3 AVX2 host, 2 threads: 150-155 GFLOP/s at 256, 168-170 at
-// 384, erratic at 512; 1 thread: +1%).
+// blocks for 4-byte elements (its float B panel is 24 KiB at 384): fewer passes over C, which large products
+// read and write once per K block. 2048^3 float32 on a Zen 3 AVX2 host (32 KiB L1d, 512 KiB L2), fastnn
+// alone, median GFLOP/s on 2 threads: 133-155 at 256, 143-175 at 384 (most runs 168-175), erratic at 512;
+// `fastnn bench --isa avx2`: 0.82x -> 0.91x of OpenBLAS's rate; 1 thread: +1-3%. float64 keeps 256 (its A
+// block would outgrow a 256 KiB L2).
 #if defined(FASTNN_ISA_avx2)
-constexpr int64_t kKC = 384;
+template <typename T> constexpr int64_t kKC = sizeof(T) == 4 ? 384 : 256;
 #else
-constexpr int64_t kKC = 256;
+template <typename T> constexpr int64_t kKC = 256;
 #endif
 constexpr int64_t kMC = 24 * kMR;
 constexpr int64_t kNC = 2048;

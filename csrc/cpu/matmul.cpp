@@ -19,7 +19,7 @@ namespace {
 // Panels of T (NRV vectors wide), packed from elements of type S (T, or a 16-bit type widened to T).
 template <typename T, int NRV, typename S> struct WidePanels {
   using P = T;
-  static constexpr int64_t NR = NRV * kLanes<T>, KC = kKC;
+  static constexpr int64_t NR = NRV * kLanes<T>, KC = kKC<T>;
   static constexpr int64_t depth(int64_t kc) { return kc; }
   void pack_a(const S* A, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, T* dst) {
     pack_a_panel(A, a_rs, a_cs, rows, kc, dst);

@@ -33,9 +33,9 @@ FASTNN_INLINE void drop_lanes(double* p, I32Vec keep) {
   }
 }
 
-// The dropout keep masks of a tile of head b, queries q0 .. q0 + nq (nq a multiple of kU32Lanes) and keys
-// k0 .. k0 + bc (rounded up to 4), one Philox call per kU32Lanes queries x 4 keys: f(i, j, keep), keep[u] the
-// mask of queries q0 + i .. (one per lane) for key k0 + j + u.
+// The dropout keep masks of a tile of head b, queries q0 .. q0 + nq and keys k0 .. k0 + bc (both rounded up:
+// to kU32Lanes and to 4), one Philox call per kU32Lanes queries x 4 keys: f(i, j, keep), keep[u] the mask of
+// queries q0 + i .. (one per lane) for key k0 + j + u.
 template <typename T, typename F>
 FASTNN_INLINE void for_keep_groups(const SdpaArgs<T>& a, int64_t b, int64_t q0, int64_t nq, int64_t k0, int64_t bc,
                                    F f) {
