@@ -107,7 +107,8 @@ def test_non_array_inputs(call):
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
 def test_numpy_subclasses(tmp_path):
     # Read as their base ndarray: plain ndarrays back (np.matrix's 2-D rules would make linear_backward's
-    # bias gradient (1, out)); out= writes the subclass's memory and returns it. A masked array's mask would be ignored.
+    # bias gradient (1, out)); out= writes the subclass's memory and returns it. A masked array is refused
+    # (its mask would be ignored).
     g = np.matrix(np.arange(6.0).reshape(2, 3))
     grads = fastnn.linear_backward(g, g, np.ones((3, 3)))
     assert all(type(a) is np.ndarray for a in grads) and grads[2].shape == (3,)
