@@ -111,6 +111,12 @@ def softmax_backward(grad_output, output, axis=-1):
     return y * (g - np.sum(g * y, axis=axis, keepdims=True))
 
 
+def log_softmax_backward(grad_output, output, axis=-1):
+    """Gradient of log_softmax given its output y: g - exp(y) * sum(g)."""
+    g, y = np.asarray(grad_output), np.asarray(output)
+    return g - np.exp(y) * np.sum(g, axis=axis, keepdims=True)
+
+
 def cross_entropy(logits, labels, *, reduction="mean", ignore_index=-100):
     """Negative log-likelihood over N rows and its gradient w.r.t. logits (torch's reduction, ignore_index).
 
