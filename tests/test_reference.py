@@ -58,6 +58,17 @@ def test_softmax_backward_reference_matches_jacobian():
     assert np.allclose(ref.softmax_backward(g, y), fd, rtol=1e-6, atol=1e-9)
 
 
+
+def test_log_softmax_backward_reference_matches_jacobian():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 7))
+    g = rng.standard_normal((3, 7))
+    y = ref.log_softmax(x, axis=-1)
+    for i in range(3):  # d log_softmax_i / d x_j = delta_ij - softmax_j
+        jac = np.eye(7) - np.exp(y[i])[None, :]
+        assert np.allclose(ref.log_softmax_backward(g, y)[i], jac.T @ g[i], rtol=1e-13, atol=1e-15)
+    assert np.allclose(ref.log_softmax_backward(g.T, y.T, axis=0), ref.log_softmax_backward(g, y).T)
+
 def test_cross_entropy_reference():
     logits = np.array([[0.0, 0.0], [math.log(3.0), 0.0]])
     labels = np.array([1, 0])
