@@ -646,11 +646,12 @@ class _Attention:
             group = hq // hk
             kb = kb[:-1] + (hq,)
             vb = vb[:-1] + (hq,)
-        batch = _broadcast_batch([qb, kb, vb], ["query", "key", "value"])
+        # (Before the broadcast, which such heads fail too: the hint is what the caller reads.)
         if (not enable_gqa and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]
                 and 1 not in (q.shape[-3], k.shape[-3])):
             raise ValueError(f"query has {q.shape[-3]} heads and key has {k.shape[-3]}: pass enable_gqa=True "
                              "for grouped-query attention")
+        batch = _broadcast_batch([qb, kb, vb], ["query", "key", "value"])
         if attn_mask is not None:
             if attn_mask.dtype != np.bool_ and attn_mask.dtype != q.dtype:
                 raise TypeError(f"attn_mask: expected dtype bool or {q.dtype} (the query's), got {attn_mask.dtype}")

@@ -286,7 +286,7 @@ def test_sdpa_errors():
     with pytest.raises(ValueError):  # 1-D query
         sdpa(np.ones(8, f32), np.ones((6, 8), f32), np.ones((6, 3), f32))
     kv2 = np.ones((2, 2, 6, 8), f32)
-    with pytest.raises(ValueError):  # head mismatch without enable_gqa
+    with pytest.raises(ValueError, match="enable_gqa=True"):  # head mismatch without enable_gqa: the hint
         sdpa(np.ones((2, 8, 5, 8), f32), kv2, kv2)
     with pytest.raises(ValueError):  # Hq not divisible by Hkv
         sdpa(np.ones((2, 5, 5, 8), f32), kv2, kv2, enable_gqa=True)
